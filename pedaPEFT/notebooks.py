@@ -1,0 +1,258 @@
+"""The lesson pipeline: percent scripts -> executed notebooks -> student copies.
+
+Lessons are authored as jupytext percent scripts (``lessons/NN_slug.py``) because a text file
+diffs and reviews well. :func:`build` turns a script into ``lessons/NN_slug.ipynb`` (executed
+top to bottom in a fresh kernel, outputs stored, metadata normalised so that rebuilding an
+unchanged lesson gives the same file) and into ``lessons/student/NN_slug.ipynb``, where every
+solution region is replaced by a stub and all outputs are cleared. :func:`check` reports any
+drift between the three without executing anything.
+"""
+
+import ast
+import copy
+import os
+import re
+import tempfile
+import textwrap
+from pathlib import Path
+
+import jupytext
+import nbformat
+from nbclient import NotebookClient
+
+LESSONS_DIR = Path(__file__).resolve().parent.parent / "lessons"
+STUDENT_DIR_NAME = "student"
+BEGIN_SOLUTION = "### BEGIN SOLUTION"
+END_SOLUTION = "### END SOLUTION"
+STUB_MARK = "# YOUR CODE HERE"
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+CELL_TIMEOUT_S = 600
+
+
+class LessonError(RuntimeError):
+    """A lesson script cannot be built: a failing cell, stderr output, or a broken marker."""
+
+
+def lesson_sources(lessons_dir: Path = LESSONS_DIR) -> list[Path]:
+    """Every lesson script, ``NN_slug.py``, in lesson order."""
+    return sorted(lessons_dir.glob("[0-9][0-9]_*.py"))
+
+
+def find_sources(names: list[str], lessons_dir: Path = LESSONS_DIR) -> list[Path]:
+    """Resolve lesson names (``03_finetuning``, ``03`` or a path) to their scripts."""
+    sources = lesson_sources(lessons_dir)
+    if not names:
+        return sources
+    chosen = []
+    for name in names:
+        stem = Path(name).stem
+        matches = [path for path in sources if path.stem == stem or path.stem.split("_")[0] == stem]
+        if len(matches) != 1:
+            available = ", ".join(path.stem for path in sources)
+            raise ValueError(
+                f"lesson {name!r} matches {len(matches)} scripts; available: {available}"
+            )
+        chosen.append(matches[0])
+    return chosen
+
+
+def read_script(path: Path) -> nbformat.NotebookNode:
+    """Parse a percent script into an unexecuted notebook with normalised metadata."""
+    notebook = jupytext.read(path, fmt="py:percent")
+    return normalise(notebook)
+
+
+def normalise(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Keep only what a lesson needs: python3 kernelspec, stable cell ids, cell tags."""
+    notebook = copy.deepcopy(notebook)
+    notebook.metadata = nbformat.from_dict(
+        {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
+    )
+    notebook.nbformat, notebook.nbformat_minor = 4, 5
+    for number, cell in enumerate(notebook.cells):
+        cell["id"] = f"cell-{number:03d}"
+        tags = cell.metadata.get("tags")
+        cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
+    return notebook
+
+
+def solution_regions(source: str) -> list[tuple[int, int]]:
+    """Line ranges ``(begin, end)`` of the solution markers in a cell; markers are whole lines."""
+    regions, begin = [], None
+    for number, line in enumerate(source.splitlines()):
+        stripped = line.strip()
+        if "BEGIN SOLUTION" in stripped or "END SOLUTION" in stripped:
+            if stripped not in (BEGIN_SOLUTION, END_SOLUTION):
+                raise LessonError(f"solution marker must be a whole line, got {stripped!r}")
+            if stripped == BEGIN_SOLUTION:
+                if begin is not None:
+                    raise LessonError("nested '### BEGIN SOLUTION'")
+                begin = number
+            else:
+                if begin is None:
+                    raise LessonError("'### END SOLUTION' without a BEGIN")
+                regions.append((begin, number))
+                begin = None
+    if begin is not None:
+        raise LessonError("'### BEGIN SOLUTION' is never closed")
+    return regions
+
+
+def _stub_for(solution: str, indent: str) -> list[str]:
+    """Stub lines for a solution: ``name = ...`` per assigned name, a raising body per def."""
+    try:
+        tree = ast.parse(textwrap.dedent(solution))
+    except SyntaxError as error:
+        raise LessonError(f"solution region does not parse: {error}") from None
+    lines: list[str] = []
+    for statement in tree.body:
+        if isinstance(statement, ast.FunctionDef):
+            header = ast.unparse(statement).splitlines()[0]
+            lines.append(indent + header)
+            docstring = ast.get_docstring(statement, clean=False)
+            if docstring is not None:
+                lines.append(f'{indent}    """{docstring}"""')
+            lines.append(indent + f'    raise NotImplementedError("{STUB_MARK[2:]}")')
+            continue
+        targets: list[ast.expr] = []
+        if isinstance(statement, ast.Assign):
+            targets = statement.targets
+        elif isinstance(statement, (ast.AnnAssign, ast.AugAssign)):
+            targets = [statement.target]
+        for target in targets:
+            for node in ast.walk(target):
+                if isinstance(node, ast.Name):
+                    line = f"{indent}{node.id} = ...  {STUB_MARK}"
+                    if line not in lines:
+                        lines.append(line)
+    return lines or [indent + STUB_MARK]
+
+
+def strip_solutions(source: str) -> str:
+    """The student version of a cell's source: each solution region replaced by its stub."""
+    lines = source.splitlines()
+    regions = solution_regions(source)
+    for begin, end in reversed(regions):
+        indent = re.match(r"\s*", lines[begin]).group(0)
+        lines[begin : end + 1] = _stub_for("\n".join(lines[begin + 1 : end]), indent)
+    return "\n".join(lines)
+
+
+def student_version(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A copy with solutions stubbed out and every output and execution count cleared."""
+    student = copy.deepcopy(notebook)
+    for cell in student.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.source = strip_solutions(cell.source)
+        cell.outputs = []
+        cell.execution_count = None
+    return student
+
+
+def execute(notebook: nbformat.NotebookNode, cwd: Path, allow_errors: bool = False):
+    """Run every cell in a fresh ``python3`` kernel started in ``cwd``; return the notebook."""
+    client = NotebookClient(
+        copy.deepcopy(notebook),
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        allow_errors=allow_errors,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    executed = client.execute()
+    for cell in executed.cells:
+        cell.metadata.pop("execution", None)
+    return executed
+
+
+def stderr_cells(notebook: nbformat.NotebookNode) -> list[int]:
+    """Indices of code cells that wrote to stderr (nbval fails on those)."""
+    return [
+        number
+        for number, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code"
+        and any(output.get("name") == "stderr" for output in cell.get("outputs", []))
+    ]
+
+
+def write_notebook(notebook: nbformat.NotebookNode, path: Path) -> None:
+    """Validate and write a notebook atomically (temporary file, then rename)."""
+    nbformat.validate(notebook)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".ipynb", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(nbformat.writes(notebook) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def build(source: Path) -> tuple[Path, Path]:
+    """Execute one lesson script; write its notebook and its student copy. Return both paths."""
+    notebook = read_script(source)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            solution_regions(cell.source)
+    try:
+        executed = execute(notebook, cwd=source.parent)
+    except Exception as error:
+        raise LessonError(f"{source.name}: a cell failed:\n{error}") from None
+    noisy = stderr_cells(executed)
+    if noisy:
+        raise LessonError(f"{source.name}: cells {noisy} wrote to stderr; fix the warning")
+    lesson_path = source.with_suffix(".ipynb")
+    student_path = source.parent / STUDENT_DIR_NAME / lesson_path.name
+    write_notebook(executed, lesson_path)
+    write_notebook(student_version(executed), student_path)
+    return lesson_path, student_path
+
+
+def _sources_of(notebook: nbformat.NotebookNode) -> list[tuple[str, str]]:
+    return [(cell.cell_type, cell.source) for cell in notebook.cells]
+
+
+def check(lessons_dir: Path = LESSONS_DIR) -> list[str]:
+    """Every drift between scripts, notebooks and student copies, as readable problems."""
+    problems = []
+    sources = lesson_sources(lessons_dir)
+    source_stems = {path.stem for path in sources}
+    for notebook_path in sorted(lessons_dir.glob("*.ipynb")):
+        if notebook_path.stem not in source_stems:
+            problems.append(f"{notebook_path.name} has no script {notebook_path.stem}.py")
+    for student_path in sorted((lessons_dir / STUDENT_DIR_NAME).glob("*.ipynb")):
+        if student_path.stem not in source_stems:
+            problems.append(f"student/{student_path.name} has no script {student_path.stem}.py")
+    for source in sources:
+        lesson_path = source.with_suffix(".ipynb")
+        student_path = lessons_dir / STUDENT_DIR_NAME / lesson_path.name
+        if not lesson_path.exists():
+            problems.append(f"{source.name} was never built: run the lessons command on it")
+            continue
+        built = nbformat.read(lesson_path, as_version=4)
+        if _sources_of(read_script(source)) != _sources_of(built):
+            problems.append(f"{lesson_path.name} differs from {source.name}: rebuild it")
+        expected_student = nbformat.writes(student_version(built)) + "\n"
+        if not student_path.exists():
+            problems.append(f"student/{student_path.name} is missing: rebuild {source.stem}")
+        elif student_path.read_text(encoding="utf-8") != expected_student:
+            problems.append(f"student/{student_path.name} is out of date: rebuild {source.stem}")
+    return problems
+
+
+def code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    """The code cells of a notebook, in order."""
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def is_check_cell(source: str) -> bool:
+    """A check cell calls a helper of :mod:`pedaPEFT.exercises`."""
+    return re.search(r"\bexercises\.check_\w+\(", source) is not None
+
+
+def load(path: Path) -> nbformat.NotebookNode:
+    """Read a stored notebook."""
+    return nbformat.reads(Path(path).read_text(encoding="utf-8"), as_version=4)
+
