@@ -1,0 +1,457 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update, with Hugging Face PEFT's semantics.
+
+For a frozen weight ``W0`` of shape (out, in), LoRA learns ``A`` (r, in) and ``B`` (out, r)::
+
+    h = W0 x + b + s · B (A · dropout(x)),      s = α / r   (α / √r with rsLoRA)
+    ΔW = s · B A,  rank(ΔW) ≤ r
+
+``A`` starts as PyTorch's default Linear init (``kaiming_uniform_`` with a = √5, i.e.
+U(±1/√in)) and ``B`` as zeros, so ``ΔW = 0`` and the wrapped layer computes exactly what the
+base layer computed.  Only ``A`` and ``B`` train: ``r · (in + out)`` parameters per layer.
+Merging writes ``W0 + ΔW`` into the base weight, so inference costs nothing extra.
+
+Everything here follows PEFT 0.21 (``peft.tuners.lora``): the same shapes, init, scaling,
+dropout placement (LoRA branch only), target matching (exact name or dotted suffix), the
+``print_trainable_parameters`` line, and the saved files (``adapter_model.safetensors`` with
+keys ``base_model.model.<path>.lora_A.weight`` and ``adapter_config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pedaPEFT.adapters import name_matches, no_match_message
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+KEY_PREFIX = "base_model.model."
+
+
+def _check_rank(r: object) -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an int, got {type(r).__name__}")
+    if r <= 0:
+        raise ValueError(f"r must be a positive integer (r >= 1), got {r}")
+    return r
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+    return alpha
+
+
+def _check_dropout(dropout: object) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float):
+        raise TypeError(f"dropout must be a number, got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """``α / r`` (LoRA, PEFT's default) or ``α / √r`` (rsLoRA)."""
+    r, alpha = _check_rank(r), _check_alpha(alpha)
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What :func:`apply_lora` does: rank ``r``, ``alpha``, branch ``dropout``, which layers.
+
+    ``target_modules`` holds module names; a module is wrapped when its full dotted name equals
+    a target or ends with ``"." + target`` (PEFT's rule for a list of targets).
+    """
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q", "v")
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        _check_rank(self.r)
+        _check_alpha(self.alpha)
+        _check_dropout(self.dropout)
+        targets = self.target_modules
+        if isinstance(targets, str) or not isinstance(targets, Iterable):
+            raise TypeError(
+                "target_modules must be a list or tuple of module names such as ('q', 'v'), "
+                f"got {targets!r}"
+            )
+        targets = tuple(targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must be a non-empty list of names, got {targets!r}")
+        object.__setattr__(self, "target_modules", targets)
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.rslora)
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + s · B(A(dropout(x)))`` around a frozen ``nn.Linear``.
+
+    Attributes:
+        base_layer: the wrapped ``nn.Linear`` (frozen; PEFT's attribute name).
+        lora_A: trainable (r, in), ``kaiming_uniform_(a=√5)``.
+        lora_B: trainable (out, r), zeros.
+        scaling: ``α / r`` (or ``α / √r`` with ``rslora``).
+        merged: whether ``ΔW`` is currently added into ``base_layer.weight``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(base, LoRALinear):
+            raise ValueError("base already has LoRA: LoRA cannot be applied twice to one layer")
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+        self.r = _check_rank(r)
+        self.alpha = _check_alpha(alpha)
+        self.dropout_p = _check_dropout(dropout)
+        self.rslora = bool(rslora)
+        self.scaling = lora_scaling(self.r, self.alpha, self.rslora)
+        self.base_layer = base
+        for param in base.parameters():
+            param.requires_grad = False
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, self.r, **factory))
+        self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def reset_lora_parameters(self) -> None:
+        """``A ~ U(±1/√in)`` via ``kaiming_uniform_(a=√5)``, ``B = 0`` (PEFT's default init)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank branch ``s · B(A(dropout(x)))``, computed in the adapter's dtype."""
+        x = x.to(self.lora_A.dtype)
+        return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        return (result + self.lora_output(x)).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW = s · B @ A``, shape (out, in), rank at most ``r``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W ← W + ΔW``; the forward pass then costs exactly one matmul, like the base layer."""
+        if self.merged:
+            raise ValueError("merge: this LoRALinear is already merged (call unmerge() first)")
+        weight = self.base_layer.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """``W ← W − ΔW`` (exact up to float rounding: ``(W + Δ) − Δ`` may differ from ``W``)."""
+        if not self.merged:
+            raise ValueError("unmerge: this LoRALinear is not merged (call merge() first)")
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p}, "
+            f"merged={self.merged}"
+        )
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every :class:`LoRALinear` in ``model``, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Wrap every ``nn.Linear`` matching ``config.target_modules`` in a :class:`LoRALinear`.
+
+    In place, like PEFT's ``get_peft_model``: afterwards only ``lora_A``/``lora_B`` parameters
+    have ``requires_grad`` (PEFT's ``bias="none"``).  Raises ``ValueError`` listing the model's
+    Linear names when no module matches, and when a matching layer already has LoRA.
+    Returns the wrapped module names in ``model.named_modules()`` order.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    targets = config.target_modules
+    matches = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and name_matches(name, targets)
+    ]
+    if not matches:
+        raise ValueError(no_match_message("target_modules", targets, model))
+    for name, module in matches:
+        if isinstance(module, LoRALinear) or name.endswith(".base_layer"):
+            raise ValueError(
+                f"target_modules: {name!r} already has LoRA; "
+                "LoRA cannot be applied twice to one layer"
+            )
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"target_modules: {name!r} is a {type(module).__name__}; only torch.nn.Linear "
+                "layers can take LoRA"
+            )
+    wrapped = []
+    for name, module in matches:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(
+            parent,
+            child,
+            LoRALinear(module, config.r, config.alpha, config.dropout, config.rslora),
+        )
+        wrapped.append(name)
+    for param_name, param in model.named_parameters():
+        param.requires_grad = "lora_" in param_name
+    return wrapped
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts, summed over ``model.parameters()`` (PEFT's rule)."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def trainable_parameters_line(model: nn.Module) -> str:
+    """PEFT's line: ``trainable params: 16,384 || all params: 816,138 || trainable%: 2.0075``."""
+    trainable, total = count_parameters(model)
+    if total == 0:
+        raise ValueError("model has no parameters")
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print :func:`trainable_parameters_line` exactly as PEFT's ``print_trainable_parameters``."""
+    print(trainable_parameters_line(model))
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer and put its plain ``nn.Linear`` back (PEFT's ``merge_and_unload``).
+
+    The result has exactly the base model's architecture and parameter count; its outputs equal
+    the LoRA model's up to float rounding.  Works in place and returns ``model``.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRALinear layers to merge")
+    for name, layer in layers.items():
+        if not layer.merged:
+            layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then ``os.replace`` it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under PEFT's saved names ``base_model.model.<path>.lora_{A,B}.weight``."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        state[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    return state
+
+
+def adapter_config_dict(model: nn.Module) -> dict[str, object]:
+    """``adapter_config.json`` in PEFT's field names, read back from the model's LoRA layers.
+
+    The most common ``r`` and ``alpha`` become ``r``/``lora_alpha``; layers that differ go in
+    ``rank_pattern``/``alpha_pattern`` under their full name, as PEFT does.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRALinear layers (call apply_lora first)")
+    ranks = [layer.r for layer in layers.values()]
+    alphas = [layer.alpha for layer in layers.values()]
+    r = max(set(ranks), key=ranks.count)
+    alpha = max(set(alphas), key=alphas.count)
+    dropouts = {layer.dropout_p for layer in layers.values()}
+    rslora = {layer.rslora for layer in layers.values()}
+    if len(dropouts) > 1 or len(rslora) > 1:
+        raise ValueError("all LoRA layers must share dropout and rslora to be saved in one config")
+    return {
+        "alpha_pattern": {n: layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
+        "base_model_name_or_path": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "lora_alpha": alpha,
+        "lora_dropout": dropouts.pop(),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r},
+        "target_modules": sorted(layers),
+        "task_type": None,
+        "use_dora": False,
+        "use_rslora": rslora.pop(),
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` atomically.
+
+    Only the LoRA tensors are saved (``r·(in+out)`` numbers per layer), under PEFT's key names,
+    so PEFT's ``PeftModel.from_pretrained`` can load them into the same base model.
+    ``target_modules`` lists the full module names, which match exactly under PEFT's rule.
+    """
+    directory = Path(path)
+    config = adapter_config_dict(model)
+    state = adapter_state_dict(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(
+        directory / ADAPTER_WEIGHTS_NAME,
+        lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+    )
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _atomic_write(directory / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def _config_from_json(config: dict[str, object], path: Path) -> tuple[LoRAConfig, dict, dict]:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"path: {path} holds a {config.get('peft_type')} adapter, not LORA")
+    unsupported = {
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+    }
+    for key, allowed in unsupported.items():
+        if config.get(key, allowed) != allowed:
+            raise ValueError(f"path: {key}={config[key]!r} is not supported (only {allowed!r})")
+    targets = config.get("target_modules")
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"path: target_modules must be a list of names in {path}, got {targets!r}")
+    lora_config = LoRAConfig(
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        target_modules=tuple(targets),
+        rslora=bool(config.get("use_rslora", False)),
+    )
+    return lora_config, config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+
+
+def _pattern_value(name: str, pattern: dict, default: object) -> object:
+    """PEFT's pattern lookup: a key matches a module if it equals or dotted-suffixes its name."""
+    for key, value in pattern.items():
+        if name_matches(name, (key,)):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load an adapter saved by :func:`save_adapter` (or by PEFT) into ``model``, in place.
+
+    A model without LoRA layers gets them first, built from ``adapter_config.json`` (targets,
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``rank_pattern``,
+    ``alpha_pattern``).  The tensors must match the LoRA layers exactly: missing keys, extra keys
+    and wrong shapes raise ``ValueError`` naming them.  Returns the LoRA module names.
+    """
+    directory = Path(path)
+    weights_file = directory / ADAPTER_WEIGHTS_NAME
+    config_file = directory / ADAPTER_CONFIG_NAME
+    for needed in (weights_file, config_file):
+        if not needed.is_file():
+            raise ValueError(f"path: {directory} has no {needed.name}")
+    if not lora_layers(model):
+        config, rank_pattern, alpha_pattern = _config_from_json(
+            json.loads(config_file.read_text()), directory
+        )
+        apply_lora(model, config)
+        for name, layer in lora_layers(model).items():
+            r = _pattern_value(name, rank_pattern, config.r)
+            alpha = _pattern_value(name, alpha_pattern, config.alpha)
+            if (r, alpha) != (config.r, config.alpha):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(
+                    parent,
+                    child,
+                    LoRALinear(layer.base_layer, r, alpha, config.dropout, config.rslora),
+                )
+    layers = lora_layers(model)
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("model: cannot load an adapter into merged LoRA layers (unmerge first)")
+    loaded = load_file(str(weights_file))
+    expected = {}
+    for name, layer in layers.items():
+        expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    missing = sorted(set(expected) - set(loaded))
+    extra = sorted(set(loaded) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"path: adapter keys do not match the model; missing keys: {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {extra[:8]}"
+            f"{' ...' if len(extra) > 8 else ''}"
+        )
+    wrong = [
+        f"{key}: file {tuple(loaded[key].shape)} vs model {tuple(param.shape)}"
+        for key, param in expected.items()
+        if loaded[key].shape != param.shape
+    ]
+    if wrong:
+        raise ValueError("path: adapter tensors have the wrong shape: " + "; ".join(wrong))
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(loaded[key].to(device=param.device, dtype=param.dtype))
+    return list(layers)
