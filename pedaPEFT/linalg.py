@@ -4,7 +4,10 @@ LoRA rests on one fact of linear algebra: a matrix of rank ``r`` is a product of
 ``m × r`` and an ``r × n`` matrix, so it can be stored with ``r(m + n)`` numbers instead
 of ``m·n``. This module computes the rank two ways (row reduction and the singular value
 decomposition), builds that factorization, and gives the best rank-``k`` approximation of
-any matrix (Eckart–Young).
+any matrix (Eckart–Young). Last, a small experiment shows why a fine-tuning *update* can be
+low rank even when the weights are not: :func:`planted_update_task` builds a regression task
+whose answer differs from a "pretrained" weight by a low-rank matrix, and
+:func:`finetune_linear` fine-tunes the weight on it by gradient descent.
 
 All functions take a 2-D NumPy array (or anything ``np.asarray`` accepts, or a torch
 tensor, which is copied to a NumPy array) with finite real entries, compute in float64
@@ -31,14 +34,17 @@ threshold the two ranks can disagree; lesson 1 shows an example.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
+    "PlantedUpdateTask",
     "factorized_param_count",
+    "finetune_linear",
     "low_rank_approx",
     "matrix_rank",
+    "planted_update_task",
     "rank_factorization",
     "rref",
     "svd_param_count",
@@ -260,3 +266,94 @@ def svd_param_count(m: int, n: int, k: int) -> int:
     n = _check_dimension(n, "n")
     k = _check_rank(k, "k", min(m, n))
     return k * (m + n) + k
+
+
+class PlantedUpdateTask(NamedTuple):
+    """A linear regression task whose solution is ``W_before + update``, ``rank(update) = r``.
+
+    ``X`` is (n_samples, d_in), ``Y`` is (n_samples, d_out) with
+    ``Y = X (W_before + update)ᵀ + noise``.
+    """
+
+    W_before: np.ndarray
+    update: np.ndarray
+    X: np.ndarray
+    Y: np.ndarray
+
+
+def planted_update_task(
+    d_out: int = 64,
+    d_in: int = 96,
+    update_rank: int = 3,
+    n_samples: int = 512,
+    noise: float = 0.1,
+    seed: int = 0,
+) -> PlantedUpdateTask:
+    """A "pretrained" weight and a new task that needs only a rank-``update_rank`` change.
+
+    ``W_before`` (d_out × d_in) has i.i.d. ``N(0, 1/d_in)`` entries: a generic, full-rank
+    weight. The planted change is ``update = B A`` with ``B`` (d_out × r) and ``A``
+    (r × d_in) i.i.d. ``N(0, 1/d_in)``, so its rank is ``r`` and its size is comparable to
+    ``W_before``'s. Inputs ``X`` are i.i.d. ``N(0, 1)``; targets are
+    ``Y = X (W_before + update)ᵀ + noise · N(0, 1)``. Everything is drawn from
+    ``np.random.default_rng(seed)`` in the order W_before, B, A, X, noise.
+    """
+    d_out = _check_dimension(d_out, "d_out")
+    d_in = _check_dimension(d_in, "d_in")
+    update_rank = _check_rank(update_rank, "update_rank", min(d_out, d_in))
+    n_samples = _check_dimension(n_samples, "n_samples")
+    if (
+        isinstance(noise, bool)
+        or not isinstance(noise, numbers.Real)
+        or not (np.isfinite(noise) and noise >= 0)
+    ):
+        raise ValueError(f"noise must be a finite number >= 0; got {noise!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+    rng = np.random.default_rng(int(seed))
+    scale = 1.0 / np.sqrt(d_in)
+    W_before = scale * rng.standard_normal((d_out, d_in))
+    B = scale * rng.standard_normal((d_out, update_rank))
+    A = scale * rng.standard_normal((update_rank, d_in))
+    update = B @ A
+    X = rng.standard_normal((n_samples, d_in))
+    Y = X @ (W_before + update).T + float(noise) * rng.standard_normal((n_samples, d_out))
+    return PlantedUpdateTask(W_before, update, X, Y)
+
+
+def finetune_linear(
+    W_before: Any, X: Any, Y: Any, learning_rate: float = 0.2, steps: int = 100
+) -> np.ndarray:
+    """Fine-tune a linear layer ``y = W x`` from ``W_before`` by full-batch gradient descent.
+
+    The loss is the mean squared error ``L(W) = ‖X Wᵀ − Y‖²_F / (2N)`` over the ``N`` rows
+    of ``X`` (N × d_in) and ``Y`` (N × d_out); its gradient is
+    ``∇L(W) = (W Xᵀ − Yᵀ) X / N``, and each step is ``W ← W − learning_rate · ∇L(W)``.
+
+    Why the update comes out low rank: if ``Y = X W*ᵀ + E`` with ``W* = W_before + Δ``, then
+    with ``Σ = XᵀX / N`` and ``η`` the learning rate, after ``t`` steps
+    ``W_t − W_before = Δ (I − (I − ηΣ)ᵗ) + η (EᵀX / N) Σ_{s<t} (I − ηΣ)ˢ``:
+    the first term has rank ``<= rank(Δ)``, the second is fitted noise, small when ``N`` is
+    large. Returns ``W_after`` (d_out × d_in).
+    """
+    W, _ = _as_matrix(W_before, "W_before")
+    X, _ = _as_matrix(X, "X")
+    Y, _ = _as_matrix(Y, "Y")
+    if X.shape[1] != W.shape[1] or Y.shape != (X.shape[0], W.shape[0]):
+        raise ValueError(
+            f"shapes must be W_before (d_out, d_in), X (N, d_in), Y (N, d_out); got "
+            f"W_before {W.shape}, X {X.shape}, Y {Y.shape}"
+        )
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, numbers.Real)
+        or not (np.isfinite(learning_rate) and learning_rate > 0)
+    ):
+        raise ValueError(f"learning_rate must be a finite number > 0; got {learning_rate!r}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0; got {steps!r}")
+    n_samples = X.shape[0]
+    for _ in range(int(steps)):
+        gradient = (W @ X.T - Y.T) @ X / n_samples
+        W = W - learning_rate * gradient
+    return W

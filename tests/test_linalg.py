@@ -354,3 +354,69 @@ def test_param_counts_reject_bad_arguments(function, rank_name):
         function(4.0, 4, 1)
     with pytest.raises(TypeError, match=rf"{rank_name} must be an integer"):
         function(4, 4, 1.5)
+
+
+# --- the planted low-rank update experiment -----------------------------------------------
+
+
+def test_planted_task_has_the_requested_shapes_and_update_rank():
+    task = linalg.planted_update_task(d_out=10, d_in=14, update_rank=2, n_samples=30, seed=3)
+    assert task.W_before.shape == (10, 14) and task.update.shape == (10, 14)
+    assert task.X.shape == (30, 14) and task.Y.shape == (30, 10)
+    assert linalg.matrix_rank(task.update) == 2
+    assert linalg.matrix_rank(task.W_before) == 10
+    again = linalg.planted_update_task(d_out=10, d_in=14, update_rank=2, n_samples=30, seed=3)
+    np.testing.assert_array_equal(task.Y, again.Y)
+
+
+def test_finetune_linear_reaches_the_least_squares_solution():
+    task = linalg.planted_update_task(d_out=6, d_in=8, update_rank=2, n_samples=200, seed=1)
+    W_after = linalg.finetune_linear(task.W_before, task.X, task.Y, learning_rate=0.3, steps=500)
+    least_squares = np.linalg.lstsq(task.X, task.Y, rcond=None)[0].T
+    np.testing.assert_allclose(W_after, least_squares, atol=1e-8)
+
+
+def test_without_noise_the_update_has_exactly_the_planted_rank():
+    task = linalg.planted_update_task(d_out=12, d_in=20, update_rank=3, noise=0.0, seed=2)
+    for steps in (1, 5, 50):
+        update = linalg.finetune_linear(task.W_before, task.X, task.Y, steps=steps) - task.W_before
+        assert linalg.matrix_rank(update, tol=1e-10) == 3
+
+
+def test_with_noise_truncating_the_update_to_the_planted_rank_removes_noise():
+    task = linalg.planted_update_task(seed=4)
+    update = linalg.finetune_linear(task.W_before, task.X, task.Y) - task.W_before
+    singular_values = np.linalg.svd(update, compute_uv=False)
+    assert singular_values[2] > 5 * singular_values[3]
+    truncated = linalg.low_rank_approx(update, 3)
+    assert np.linalg.norm(truncated - task.update) < 0.5 * np.linalg.norm(update - task.update)
+
+
+def test_finetune_linear_with_zero_steps_returns_the_start():
+    task = linalg.planted_update_task(d_out=3, d_in=4, update_rank=1, n_samples=5)
+    W = linalg.finetune_linear(torch.from_numpy(task.W_before), task.X, task.Y, steps=0)
+    np.testing.assert_array_equal(W, task.W_before)
+
+
+def test_planted_task_and_finetune_reject_bad_arguments():
+    with pytest.raises(ValueError, match=r"update_rank must be an integer in \[1, 4\]; got 5"):
+        linalg.planted_update_task(d_out=4, d_in=9, update_rank=5)
+    with pytest.raises(ValueError, match="d_in must be a positive integer"):
+        linalg.planted_update_task(d_in=0)
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
+        linalg.planted_update_task(noise=-0.1)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        linalg.planted_update_task(seed=-1)
+    task = linalg.planted_update_task(d_out=3, d_in=4, update_rank=1, n_samples=5)
+    with pytest.raises(ValueError, match=r"shapes must be W_before \(d_out, d_in\)"):
+        linalg.finetune_linear(task.W_before, task.X[:, :3], task.Y)
+    with pytest.raises(ValueError, match=r"shapes must be"):
+        linalg.finetune_linear(task.W_before, task.X, task.Y[:4])
+    with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+        linalg.finetune_linear(task.W_before, task.X, task.Y, learning_rate=0.0)
+    with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+        linalg.finetune_linear(task.W_before, task.X, task.Y, steps=2.5)
+    with pytest.raises(ValueError, match="X must be a 2-D matrix"):
+        linalg.finetune_linear(task.W_before, task.X[0], task.Y)
+    with pytest.raises(ValueError, match="Y must have finite entries"):
+        linalg.finetune_linear(task.W_before, task.X, np.full_like(task.Y, np.nan))
