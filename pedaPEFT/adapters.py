@@ -215,3 +215,15 @@ def add_adapters(
         for param_name, param in model.named_parameters():
             param.requires_grad = ".adapter." in f".{param_name}"
     return wrapped
+
+
+def prepare_adapters(
+    model: nn.Module,
+    bottleneck: int = 16,
+    targets: Iterable[str] = GPT_ADAPTER_TARGETS,
+    activation: str = "gelu",
+) -> nn.Module:
+    """Fine-tuning method ``"adapter"`` for :func:`pedaPEFT.train.finetune`: Houlsby adapters
+    after ``o`` and ``proj`` of every block, everything else frozen; returns ``model``."""
+    add_adapters(model, bottleneck, targets, activation)
+    return model

@@ -244,6 +244,19 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     return wrapped
 
 
+def prepare_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    targets: Iterable[str] = ("q", "v"),
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> nn.Module:
+    """Fine-tuning method ``"lora"`` of :func:`pedaPEFT.train.finetune`: LoRA on ``targets``."""
+    apply_lora(model, LoRAConfig(r, alpha, dropout, tuple(targets), rslora))
+    return model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts, summed over ``model.parameters()`` (PEFT's rule)."""
     trainable = total = 0

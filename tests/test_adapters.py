@@ -131,3 +131,10 @@ def test_property_identity_and_only_adapters_get_gradients(d, m_fraction, seed, 
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == len(
         wrapped
     ) * adapters.bottleneck_param_count(d, m)
+
+
+def test_prepare_adapters_wraps_o_and_proj():
+    model = toy_model(d=16, layers=3)
+    assert adapters.prepare_adapters(model, bottleneck=2) is model
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, adapters.WithAdapter)]
+    assert wrapped == [f"{i}.{t}" for i in range(3) for t in ("o", "proj")]

@@ -366,3 +366,10 @@ def test_property_delta_rank_at_most_r(in_f, out_f, r, seed):
         layer.lora_B.normal_()
     rank = torch.linalg.matrix_rank(layer.delta_weight()).item()
     assert rank <= min(r, in_f, out_f)
+
+
+def test_prepare_lora_is_apply_lora_with_keywords():
+    model = mlp()
+    assert lora.prepare_lora(model, r=3, alpha=6, targets=["fc"]) is model
+    assert model.fc.r == 3 and model.fc.scaling == 2.0
+    assert lora.count_parameters(model)[0] == 3 * (12 + 20)
