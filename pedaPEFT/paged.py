@@ -173,9 +173,7 @@ class PagedAdamW(torch.optim.Optimizer):
             _check_positive_int(page_bytes, "page_bytes")
             if page_bytes % PAGE_ALIGN:
                 raise ValueError(f"page_bytes must be a multiple of {PAGE_ALIGN}, got {page_bytes}")
-        self._device = None if device is None else torch.device(device)
-        if self._device is not None:
-            self._check_device_type(self._device)
+        self._device = None if device is None else self._normalize_device(torch.device(device))
         self._staging: Tensor | None = None
         self._side_stream = None
         self._copies_done = None
@@ -187,9 +185,15 @@ class PagedAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- placement
 
     @staticmethod
-    def _check_device_type(device: torch.device) -> None:
+    def _normalize_device(device: torch.device) -> torch.device:
+        """``device`` checked to be CPU or CUDA, with the current CUDA index made explicit."""
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be a 'cpu' or 'cuda' device, got {device}")
+        if device.type == "cuda" and device.index is None:
+            if not torch.cuda.is_available():
+                raise ValueError("device is 'cuda', but no CUDA device is available")
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     @property
     def device(self) -> torch.device:
@@ -226,8 +230,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if not param.is_contiguous():
                 raise ValueError(f"params[{index}] must be contiguous (pages are flat slices)")
             if self._device is None:
-                self._check_device_type(param.device)
-                self._device = param.device
+                self._device = self._normalize_device(param.device)
             if param.device != self._device:
                 raise ValueError(
                     f"params[{index}] is on {param.device}, but the budget is for {self._device}: "

@@ -295,3 +295,9 @@ def test_sparse_gradients_are_refused():
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="sparse"):
         optimizer.step()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
+def test_cuda_budget_without_cuda_is_refused():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        PagedAdamW(model().parameters(), budget_bytes=100, device="cuda")
