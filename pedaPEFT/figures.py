@@ -70,3 +70,179 @@ def write_figures(out_dir: Path, names: list[str] | None = None) -> list[Path]:
         plt.close(figure)
         written.append(out_dir / f"{name}.png")
     return written
+
+
+# --- Lessons 1 and 2: matrix rank, SVD and low-rank approximation ---------------------------
+
+PHOTO_RANKS = (5, 20, 50, 100)
+
+
+def sample_photograph():
+    """Grace Hopper's portrait shipped with matplotlib, as a (600, 512) float64 grayscale array.
+
+    The RGB values (0–255) are mixed with the ITU-R BT.601 luma weights 0.299, 0.587, 0.114
+    and scaled to [0, 1]. The file is part of matplotlib's installed sample data: nothing is
+    downloaded.
+    """
+    import matplotlib.cbook
+    import matplotlib.image
+    import numpy as np
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as file:
+        rgb = matplotlib.image.imread(file, format="jpg")
+    return rgb[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
+
+
+@register("rank_parameter_counts")
+def rank_parameter_counts() -> Figure:
+    """Numbers stored for an n × n matrix: dense n² against a rank-r factorization 2rn."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pedaPEFT import linalg
+
+    sizes = np.array([2**p for p in range(4, 15)])
+    figure, (counts, fraction) = plt.subplots(1, 2, figsize=(10, 3.8))
+    counts.loglog(sizes, sizes.astype(float) ** 2, "k-", lw=2, label="dense  $n^2$")
+    for r, colour in zip((1, 8, 64), ("C0", "C1", "C2"), strict=True):
+        ok = sizes >= r
+        stored = [linalg.factorized_param_count(int(n), int(n), r) for n in sizes[ok]]
+        counts.loglog(sizes[ok], stored, "o-", color=colour, ms=3, label=f"rank {r}  $2rn$")
+        fraction.semilogx(
+            sizes[ok],
+            100 * np.array(stored) / sizes[ok] ** 2.0,
+            "o-",
+            color=colour,
+            ms=3,
+            label=f"r = {r}",
+        )
+    counts.set(xlabel="n", ylabel="numbers stored", title="$n^2$ versus $2rn$")
+    counts.legend(fontsize=8)
+    fraction.axhline(100, color="k", lw=1, ls="--")
+    fraction.set_yscale("log")
+    fraction.set(xlabel="n", ylabel="% of dense", title="factorized / dense = 2r/n")
+    fraction.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+@register("rank_near_tolerance")
+def rank_near_tolerance() -> Figure:
+    """Pivot versus smallest singular value of [[1, 1], [1, 1 + d]] against a tolerance 1e-3."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pedaPEFT import linalg
+
+    tol = 1e-3
+    deltas = np.logspace(-5, -1, 81)
+    pivots, smallest, disagree = [], [], []
+    for delta in deltas:
+        A = np.array([[1.0, 1.0], [1.0, 1.0 + delta]])
+        pivots.append(A[1, 1] - A[1, 0] / A[0, 0] * A[0, 1])  # elimination: row 2 - row 1
+        smallest.append(np.linalg.svd(A, compute_uv=False)[-1])
+        ranks = {
+            method: linalg.matrix_rank(A, tol=tol, method=method) for method in ("rref", "svd")
+        }
+        disagree.append(ranks["rref"] != ranks["svd"])
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    axes.loglog(deltas, pivots, "C0-", lw=2, label="second pivot (row reduction)")
+    axes.loglog(deltas, smallest, "C1-", lw=2, label=r"smallest singular value $\sigma_2$")
+    axes.axhline(tol, color="k", ls="--", lw=1, label="tolerance $10^{-3}$")
+    axes.fill_between(
+        deltas, 1e-6, 1, where=disagree, color="C3", alpha=0.2, label="ranks disagree (2 vs 1)"
+    )
+    axes.set(
+        xlabel=r"$\delta$",
+        ylabel="size",
+        ylim=(1e-6, 1),
+        title=r"rank of $[[1, 1], [1, 1 + \delta]]$ near the tolerance",
+    )
+    axes.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+@register("svd_photo_reconstructions")
+def svd_photo_reconstructions() -> Figure:
+    """The sample photograph and its best rank-k approximations, with size and error."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pedaPEFT import linalg
+
+    photo = sample_photograph()
+    m, n = photo.shape
+    U, S, Vt = linalg.truncated_svd(photo, min(m, n))
+    figure, axes = plt.subplots(1, len(PHOTO_RANKS) + 1, figsize=(13, 3.9))
+    axes[0].imshow(photo, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title(f"original: {m}×{n} = {m * n} numbers", fontsize=9)
+    for ax, k in zip(axes[1:], PHOTO_RANKS, strict=True):
+        approx = (U[:, :k] * S[:k]) @ Vt[:k]
+        ratio = m * n / linalg.svd_param_count(m, n, k)
+        error = np.linalg.norm(photo - approx) / np.linalg.norm(photo)
+        ax.imshow(np.clip(approx, 0, 1), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"rank {k}: {ratio:.1f}× smaller\nerror {100 * error:.1f}%", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    figure.tight_layout()
+    return figure
+
+
+@register("svd_photo_spectrum")
+def svd_photo_spectrum() -> Figure:
+    """Singular values of the photograph and the Eckart–Young error of its truncations."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pedaPEFT import linalg
+
+    photo = sample_photograph()
+    S = np.linalg.svd(photo, compute_uv=False)
+    predicted = np.sqrt(np.cumsum(S[::-1] ** 2)[::-1]) / np.linalg.norm(photo)
+    ranks = np.arange(1, len(S))
+    measured_ranks = np.array([1, 2, 5, 10, 20, 50, 100, 200, 400])
+    measured = [
+        np.linalg.norm(photo - linalg.low_rank_approx(photo, int(k))) / np.linalg.norm(photo)
+        for k in measured_ranks
+    ]
+    figure, (spectrum, error) = plt.subplots(1, 2, figsize=(10, 3.8))
+    spectrum.semilogy(np.arange(1, len(S) + 1), S, "k-")
+    spectrum.set(xlabel="index i", ylabel=r"$\sigma_i$", title="singular values of the photograph")
+    error.semilogy(
+        ranks,
+        predicted[1:],
+        "C0-",
+        label=r"$\sqrt{\sum_{i>k}\sigma_i^2}\,/\,\|A\|_F$ (Eckart–Young)",
+    )
+    error.semilogy(measured_ranks, measured, "C3o", ms=5, label=r"measured $\|A-A_k\|_F/\|A\|_F$")
+    error.set(xlabel="rank k", ylabel="relative error", title="truncation error")
+    error.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+@register("weight_update_spectrum")
+def weight_update_spectrum() -> Figure:
+    """Singular values of a pretrained weight and of its fine-tuning update (planted rank 3)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pedaPEFT import linalg
+
+    task = linalg.planted_update_task()
+    W_after = linalg.finetune_linear(task.W_before, task.X, task.Y)
+    index = np.arange(1, min(task.W_before.shape) + 1)
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    for matrix, style, label in (
+        (task.W_before, "k.-", r"$W_{\mathrm{before}}$ (pretrained)"),
+        (W_after - task.W_before, "C3o-", r"$\Delta W = W_{\mathrm{after}} - W_{\mathrm{before}}$"),
+        (task.update, "C0x", "planted rank-3 change"),
+    ):
+        S = np.linalg.svd(matrix, compute_uv=False)
+        keep = S > 1e-12
+        axes.semilogy(index[keep], S[keep], style, ms=4, label=label)
+    axes.set(xlabel="index i", ylabel=r"$\sigma_i$", title="a full-rank weight, a low-rank update")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
