@@ -140,8 +140,8 @@ class PagedAdamW(torch.optim.Optimizer):
             ``cuda`` pages for real (pinned host memory, a side stream); ``cpu`` simulates a
             device (a separate host store, synchronous copies), counted the same way.
         page_bytes: bytes per moment in one page (a multiple of 8); default
-            ``min(2 MiB, budget_bytes // 8)``, so the four page buffers use at most half the
-            budget.
+            ``min(2 MiB, budget_bytes // 32)``, so the four page buffers use at most an eighth
+            of the budget.
     """
 
     def __init__(
@@ -211,7 +211,7 @@ class PagedAdamW(torch.optim.Optimizer):
         """Bytes of one moment in one page."""
         if self._page_bytes_arg is not None:
             return self._page_bytes_arg
-        return min(DEFAULT_PAGE_BYTES, self._budget_bytes // 8 // PAGE_ALIGN * PAGE_ALIGN)
+        return min(DEFAULT_PAGE_BYTES, self._budget_bytes // 32 // PAGE_ALIGN * PAGE_ALIGN)
 
     def _all_params(self) -> list[Tensor]:
         return [param for group in self.param_groups for param in group["params"]]
@@ -245,11 +245,16 @@ class PagedAdamW(torch.optim.Optimizer):
         if sum(state_bytes(param) for param in params) <= self._budget_bytes:
             return set(), 0
         staging = STAGING_PAGES * self.page_bytes
-        if self.page_bytes < PAGE_ALIGN or staging > self._budget_bytes:
+        if self.page_bytes < PAGE_ALIGN:
+            raise ValueError(
+                f"budget_bytes={self._budget_bytes} is too small to page: the default page is "
+                f"budget_bytes // 32 and must hold {PAGE_ALIGN} bytes (budget_bytes >= "
+                f"{32 * PAGE_ALIGN}), or pass page_bytes"
+            )
+        if staging > self._budget_bytes:
             raise ValueError(
                 f"budget_bytes={self._budget_bytes} cannot hold the {STAGING_PAGES} page buffers "
-                f"of page_bytes={self.page_bytes}: use budget_bytes >= {STAGING_PAGES} * "
-                f"page_bytes (and >= {STAGING_PAGES * PAGE_ALIGN})"
+                f"of page_bytes={self.page_bytes}: use budget_bytes >= {STAGING_PAGES} * page_bytes"
             )
         free = self._budget_bytes - staging
         evicted = set()
@@ -392,11 +397,14 @@ class PagedAdamW(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     state.update(self._new_state(param))
-                state["step"] += 1
                 if param in self._evicted:
                     paged.append(param)
                 else:
                     resident.append((param, state))
+            steps = [self.state[param]["step"] for param in paged]
+            steps += [state["step"] for _, state in resident]
+            if steps:
+                torch._foreach_add_(steps, 1.0)
             adamw_update(
                 [param for param, _ in resident],
                 [param.grad for param, _ in resident],

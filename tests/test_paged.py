@@ -12,6 +12,15 @@ from torch import nn
 from pedaPEFT.paged import PagedAdamW, adamw_update, state_bytes
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread avoids waiting on busy cores of a shared CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(),
@@ -244,7 +253,7 @@ def test_state_dict_round_trips_exactly_across_budgets():
 def test_budget_must_be_a_positive_integer(budget):
     with pytest.raises(ValueError, match="budget_bytes"):
         PagedAdamW(model().parameters(), budget_bytes=budget)
-    optimizer = PagedAdamW(model().parameters(), budget_bytes=100)
+    optimizer = PagedAdamW(model().parameters(), budget_bytes=1000)
     with pytest.raises(ValueError, match="budget_bytes"):
         optimizer.set_budget(budget)
 
@@ -252,41 +261,41 @@ def test_budget_must_be_a_positive_integer(budget):
 def test_parameter_on_another_device_than_the_budget():
     on_meta = nn.Parameter(torch.empty(3, device="meta"))
     with pytest.raises(ValueError, match=r"params\[1\] is on meta.*budget is for cpu"):
-        PagedAdamW([nn.Parameter(torch.zeros(3)), on_meta], budget_bytes=100)
+        PagedAdamW([nn.Parameter(torch.zeros(3)), on_meta], budget_bytes=1000)
     with pytest.raises(ValueError, match=r"params\[0\].*budget is for cpu"):
-        PagedAdamW([on_meta], budget_bytes=100, device="cpu")
+        PagedAdamW([on_meta], budget_bytes=1000, device="cpu")
     with pytest.raises(ValueError, match="device must be"):
-        PagedAdamW([on_meta], budget_bytes=100)
+        PagedAdamW([on_meta], budget_bytes=1000)
 
 
 def test_state_dict_of_another_optimizer_is_refused():
     module = model()
     other = torch.optim.AdamW(module.parameters())
     train(module, other, steps=1)
-    optimizer = PagedAdamW(module.parameters(), budget_bytes=100)
+    optimizer = PagedAdamW(module.parameters(), budget_bytes=1000)
     with pytest.raises(ValueError, match="another optimizer"):
         optimizer.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="number of parameter groups or parameters"):
-        PagedAdamW(model().parameters(), budget_bytes=100).load_state_dict(
-            PagedAdamW(nn.Linear(2, 2).parameters(), budget_bytes=100).state_dict())
+        PagedAdamW(model().parameters(), budget_bytes=1000).load_state_dict(
+            PagedAdamW(nn.Linear(2, 2).parameters(), budget_bytes=1000).state_dict())
 
 
 def test_other_bad_arguments():
     params = list(model().parameters())
     with pytest.raises(ValueError, match="amsgrad"):
-        PagedAdamW(params, budget_bytes=100, amsgrad=True)
+        PagedAdamW(params, budget_bytes=1000, amsgrad=True)
     with pytest.raises(ValueError, match="lr"):
-        PagedAdamW(params, lr=-1.0, budget_bytes=100)
+        PagedAdamW(params, lr=-1.0, budget_bytes=1000)
     with pytest.raises(ValueError, match="betas"):
-        PagedAdamW(params, betas=(0.9, 1.0), budget_bytes=100)
+        PagedAdamW(params, betas=(0.9, 1.0), budget_bytes=1000)
     with pytest.raises(ValueError, match="page_bytes must be a multiple of 8"):
-        PagedAdamW(params, budget_bytes=100, page_bytes=12)
+        PagedAdamW(params, budget_bytes=1000, page_bytes=12)
     with pytest.raises(ValueError, match="cannot hold the 4 page buffers"):
         PagedAdamW(params, budget_bytes=1000, page_bytes=512)
     with pytest.raises(TypeError, match="floating point"):
-        PagedAdamW([torch.zeros(3, dtype=torch.int64)], budget_bytes=100)
+        PagedAdamW([torch.zeros(3, dtype=torch.int64)], budget_bytes=1000)
     with pytest.raises(ValueError, match="contiguous"):
-        PagedAdamW([nn.Parameter(torch.zeros(4, 3).T)], budget_bytes=100)
+        PagedAdamW([nn.Parameter(torch.zeros(4, 3).T)], budget_bytes=1000)
 
 
 def test_sparse_gradients_are_refused():
@@ -300,4 +309,9 @@ def test_sparse_gradients_are_refused():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
 def test_cuda_budget_without_cuda_is_refused():
     with pytest.raises(ValueError, match="no CUDA device"):
-        PagedAdamW(model().parameters(), budget_bytes=100, device="cuda")
+        PagedAdamW(model().parameters(), budget_bytes=1000, device="cuda")
+
+
+def test_budget_too_small_for_a_default_page():
+    with pytest.raises(ValueError, match="too small to page"):
+        PagedAdamW(model().parameters(), budget_bytes=200)
