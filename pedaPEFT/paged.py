@@ -498,3 +498,105 @@ class PagedAdamW(torch.optim.Optimizer):
                 state["exp_avg"].copy_(values["exp_avg"])
                 state["exp_avg_sq"].copy_(values["exp_avg_sq"])
                 self.state[param] = state
+
+
+# --------------------------------------------------------------------- a simulated device
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """A training step needs more memory than the simulated device has.
+
+    ``records`` holds the footprints of the steps that ran, then the one that did not fit.
+    """
+
+    def __init__(self, message: str, records: list[StepFootprint]) -> None:
+        super().__init__(message)
+        self.records = records
+
+
+def activation_bytes(model: torch.nn.Module, *inputs: Tensor) -> int:
+    """Bytes of the tensors a forward pass saves for backward (activations), parameters excluded.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks`` on one forward pass with
+    gradients on; each storage is counted once, however many tensors view it.
+    """
+    parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return sum(saved.values())
+
+
+@dataclass(frozen=True)
+class StepFootprint:
+    """Device memory one training step needs (bytes): what is alive at once during the step."""
+
+    step: int
+    batch_size: int
+    weights: int
+    grads: int
+    activations: int
+    optimizer: int  # optimizer states (and page buffers) on the device
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.activations + self.optimizer
+
+
+def train_on_simulated_device(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    loss_fn,  # noqa: ANN001 (a callable (model, x, y) -> scalar loss)
+    capacity_bytes: int,
+) -> list[StepFootprint]:
+    """Train on ``batches`` as if the device held only ``capacity_bytes``; one record per step.
+
+    A step needs weights + gradients + the batch's activations + the optimizer's device states.
+    With :class:`PagedAdamW` the optimizer's budget is set, before each step, to what the step
+    leaves free (so states are evicted for a large batch and come back after it); any other
+    optimizer keeps all its states on the device. A step that does not fit raises
+    :class:`DeviceOutOfMemoryError`, as a real device would fail its allocation.
+    """
+    _check_positive_int(capacity_bytes, "capacity_bytes")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in params)
+    activations_by_shape: dict[tuple, int] = {}
+    records = []
+    for step, (x, y) in enumerate(batches):
+        shape = tuple(x.shape)
+        if shape not in activations_by_shape:
+            activations_by_shape[shape] = activation_bytes(model, x)
+        activations = activations_by_shape[shape]
+        free = capacity_bytes - weights - grads - activations
+        if isinstance(optimizer, PagedAdamW):
+            try:
+                optimizer.set_budget(max(free, 1))
+            except ValueError as error:
+                raise DeviceOutOfMemoryError(
+                    f"step {step}: only {free} bytes left for the optimizer, too few to page",
+                    records,
+                ) from error
+            on_device = optimizer.stats.device_bytes
+        else:
+            on_device = sum(state_bytes(p) for p in params)
+        record = StepFootprint(step, shape[0], weights, grads, activations, on_device)
+        if record.total > capacity_bytes:
+            raise DeviceOutOfMemoryError(
+                f"step {step} (batch {shape[0]}) needs {record.total:,} bytes, "
+                f"the device holds {capacity_bytes:,}",
+                [*records, record],
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+        optimizer.step()
+        records.append(record)
+    return records

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pedaPEFT.paged import PagedAdamW, adamw_update, state_bytes
+from pedaPEFT.paged import (
+    DeviceOutOfMemoryError,
+    PagedAdamW,
+    activation_bytes,
+    adamw_update,
+    state_bytes,
+    train_on_simulated_device,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -315,3 +322,59 @@ def test_cuda_budget_without_cuda_is_refused():
 def test_budget_too_small_for_a_default_page():
     with pytest.raises(ValueError, match="too small to page"):
         PagedAdamW(model().parameters(), budget_bytes=200)
+
+
+# ---------------------------------------------------------------- the simulated device
+
+
+def mse(module, x, y):
+    return nn.functional.mse_loss(module(x), y)
+
+
+def spiky_batches(sizes):
+    generator = torch.Generator().manual_seed(5)
+    return [(torch.randn(size, 20, generator=generator), torch.randn(size, 5, generator=generator))
+            for size in sizes]
+
+
+def test_activation_bytes_counts_saved_tensors_once_and_grows_with_the_batch():
+    module = model()
+    small, large = (activation_bytes(module, torch.randn(n, 20)) for n in (8, 32))
+    assert small > 0 and large == 4 * small  # every saved tensor here has the batch dimension
+    # input (8·20) + the outputs of the two hidden Linear layers and of both GELUs, fp32
+    assert small == 4 * 8 * (20 + 64 + 64 + 32 + 32)
+
+
+def test_a_spike_that_kills_plain_adamw_completes_with_paging():
+    sizes = [8, 8, 8, 24, 8, 8]
+    batches = spiky_batches(sizes)
+    plain_model, paged_model, free_model = model(), model(), model()
+    weights = sum(p.numel() * 4 for p in plain_model.parameters())
+    normal = activation_bytes(plain_model, batches[0][0])
+    capacity = 2 * weights + total_state_bytes(plain_model) + normal + normal // 2
+
+    with pytest.raises(DeviceOutOfMemoryError, match="step 3 .batch 24. needs") as failure:
+        train_on_simulated_device(plain_model, torch.optim.AdamW(plain_model.parameters()),
+                                  batches, mse, capacity)
+    assert len(failure.value.records) == 4 and failure.value.records[-1].total > capacity
+
+    optimizer = PagedAdamW(paged_model.parameters(), budget_bytes=capacity)
+    records = train_on_simulated_device(paged_model, optimizer, batches, mse, capacity)
+    assert [r.batch_size for r in records] == sizes
+    assert all(r.total <= capacity for r in records)
+    assert records[3].optimizer < records[2].optimizer == total_state_bytes(paged_model)
+    assert optimizer.stats.evictions == optimizer.stats.recalls > 0
+
+    free = torch.optim.AdamW(free_model.parameters())
+    for x, y in batches:  # the same training without any memory limit
+        free.zero_grad()
+        mse(free_model, x, y).backward()
+        free.step()
+    assert_same_parameters(free_model, paged_model)
+
+
+def test_simulated_device_capacity_must_be_positive():
+    module = model()
+    with pytest.raises(ValueError, match="capacity_bytes"):
+        train_on_simulated_device(module, PagedAdamW(module.parameters(), budget_bytes=1000),
+                                  spiky_batches([2]), mse, 0)
