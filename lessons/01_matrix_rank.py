@@ -207,8 +207,14 @@ print("same line as the lecture's c, scaled by", (C / lecture_column).ravel())
 # $m \times n$ matrix needs $r(m + n)$ numbers, `linalg.factorized_param_count`:
 
 # %%
-print("dense M1:", M1.size, "| factorized:", C.size + F.size,
-      "| r(m + n):", linalg.factorized_param_count(3, 3, 1))
+print(
+    "dense M1:",
+    M1.size,
+    "| factorized:",
+    C.size + F.size,
+    "| r(m + n):",
+    linalg.factorized_param_count(3, 3, 1),
+)
 C2, F2 = linalg.rank_factorization(M2)
 print("M2 = C2 @ F2:", np.allclose(C2 @ F2, M2), "| shapes", C2.shape, F2.shape)
 print("dense M2:", M2.size, "| factorized:", C2.size + F2.size)
@@ -246,10 +252,19 @@ big = rng.standard_normal((256, 8)) @ rng.standard_normal((8, 512))
 big_C, big_F = linalg.rank_factorization(big)
 print("rank by svd:", linalg.matrix_rank(big))
 print("rank by rref:", linalg.matrix_rank(big, method="rref"))
-print("C, F shapes:", big_C.shape, big_F.shape, "| numbers:", big_C.size + big_F.size,
-      "instead of", big.size)
-print("max |C F - A| / max |A| < 1e-12:",
-      bool(np.abs(big_C @ big_F - big).max() / np.abs(big).max() < 1e-12))
+print(
+    "C, F shapes:",
+    big_C.shape,
+    big_F.shape,
+    "| numbers:",
+    big_C.size + big_F.size,
+    "instead of",
+    big.size,
+)
+print(
+    "max |C F - A| / max |A| < 1e-12:",
+    bool(np.abs(big_C @ big_F - big).max() / np.abs(big).max() < 1e-12),
+)
 
 # %%
 fig = figures.rank_parameter_counts()
@@ -328,9 +343,11 @@ tol = 1e-3
 for delta in (0.5e-3, 1.5e-3, 3e-3):
     A = np.array([[1.0, 1.0], [1.0, 1.0 + delta]])
     sigma_2 = np.linalg.svd(A, compute_uv=False)[1]
-    print(f"delta={delta:.4f}: pivot {A[1, 1] - A[0, 1]:.5f}, sigma_2 {sigma_2:.5f} | "
-          f"rank by rref {linalg.matrix_rank(A, tol, method='rref')}, "
-          f"by svd {linalg.matrix_rank(A, tol, method='svd')}")
+    print(
+        f"delta={delta:.4f}: pivot {A[1, 1] - A[0, 1]:.5f}, sigma_2 {sigma_2:.5f} | "
+        f"rank by rref {linalg.matrix_rank(A, tol, method='rref')}, "
+        f"by svd {linalg.matrix_rank(A, tol, method='svd')}"
+    )
 
 # %%
 fig = figures.rank_near_tolerance()
@@ -392,6 +409,7 @@ exercises.check_integer(
 # (no SVD). Hint: pick a nonzero entry $M_{ij}$; then the column $j$ and the row $i$ scaled by
 # $1/M_{ij}$ do it.
 
+
 # %%
 ### BEGIN SOLUTION
 def rank_one_factors(M):
@@ -399,6 +417,8 @@ def rank_one_factors(M):
     M = np.asarray(M, dtype=float)
     i, j = np.unravel_index(np.argmax(np.abs(M)), M.shape)
     return M[:, [j]], M[[i], :] / M[i, j]
+
+
 ### END SOLUTION
 
 
