@@ -1,0 +1,290 @@
+"""A small decoder-only GPT, written so that parameter-efficient methods read like their papers.
+
+The block is pre-LayerNorm, as in GPT-2:
+
+    x = x + o(attention(q(LN1(x)), k(LN1(x)), v(LN1(x))))      causal, through SDPA
+    x = x + proj(GELU(fc(LN2(x))))
+
+The four attention projections are separate ``nn.Linear`` modules named ``q``, ``k``, ``v`` and
+``o``, so a LoRA target list reads like the LoRA paper's W_q, W_k, W_v, W_o; the MLP is ``fc``
+(d -> 4d) and ``proj`` (4d -> d). The output head shares its weight with the token embedding
+(weight tying), as GPT-2 does; ``untie_head`` gives the head its own copy when a fine-tuning
+method must train the head without touching the embedding.
+
+Parameter count (V vocabulary, T context, d width, L layers, every Linear with a bias):
+
+    N = V d + T d                                  token and position embeddings
+        + L (4 (d^2 + d)                           q, k, v, o
+             + (4 d^2 + 4 d) + (4 d^2 + d)         fc, proj
+             + 2 * 2 d)                            two LayerNorms (weight and bias)
+        + 2 d                                      final LayerNorm
+        + [V d if the head is untied]
+      = V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d)
+
+For the ``gpt2`` preset (V = 50257, T = 1024, d = 768, L = 12, tied) this is 124,439,808,
+GPT-2 small's published count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRESETS: dict[str, dict[str, int]] = {
+    # The course's workhorse: pretrains and fine-tunes on a 2-core CPU in about a minute.
+    "tiny": dict(vocab_size=48, block_size=16, n_layer=4, n_head=4, n_embd=64),
+    # A wider and deeper character model for experiments that want more capacity.
+    "small": dict(vocab_size=48, block_size=64, n_layer=6, n_head=8, n_embd=256),
+    # GPT-2 small: 124M parameters with the output head tied to the token embedding.
+    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+}
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of a GPT. ``dropout`` is applied to attention weights and residual branches."""
+
+    vocab_size: int = 48
+    block_size: int = 16
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd must be divisible by n_head, got n_embd={self.n_embd}, "
+                f"n_head={self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: object) -> GPTConfig:
+        """The configuration named ``name`` (one of ``PRESETS``), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(
+                f"unknown GPTConfig fields {sorted(unknown)}; allowed: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+def count_parameters(config: GPTConfig) -> int:
+    """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied)."""
+    V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    n = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
+    return n if config.tie_embeddings else n + V * d
+
+
+def matmul_parameters(config: GPTConfig) -> int:
+    """Weights that take part in a matrix product per token: L 12 d^2 plus the head's V d.
+
+    This is the N of the usual 6 N FLOPs-per-token training estimate (position embeddings,
+    biases and LayerNorms are left out; the head counts once even when tied).
+    """
+    d = config.n_embd
+    return config.n_layer * 12 * d * d + config.vocab_size * d
+
+
+def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token: 6 N for the weight matmuls plus 12 L T d for attention.
+
+    Forward is 2 N (one multiply-add per weight), backward twice that; attention scores and
+    their weighted sum cost 2 * 2 T d per layer and token forward, times three with backward.
+    """
+    T = config.block_size if seq_len is None else seq_len
+    return 6 * matmul_parameters(config) + 12 * config.n_layer * T * config.n_embd
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with separate q, k, v, o projections."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        d = config.n_embd
+        self.n_head = config.n_head
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        h = self.n_head
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, h, d // h).transpose(1, 2)  # (B, h, T, d/h)
+
+        y = F.scaled_dot_product_attention(
+            heads(self.q(x)),
+            heads(self.k(x)),
+            heads(self.v(x)),
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=True,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, d)
+        return self.resid_dropout(self.o(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network d -> 4d -> d with GELU (tanh approximation, as GPT-2)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model.
+
+    ``forward(idx)`` maps token ids of shape (B, T), T <= block_size, to logits (B, T, V).
+    ``features(idx)`` returns the final normalised hidden states (B, T, d) the head reads.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 L) so the residual stream keeps its size.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds the context: idx.shape[1] must be <= "
+                f"block_size={self.config.block_size}"
+            )
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.features(idx))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: append the arg-max token ``max_new_tokens`` times."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if idx.shape[1] + max_new_tokens > self.config.block_size:
+            raise ValueError(
+                f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                f"block_size={self.config.block_size}"
+            )
+        for _ in range(max_new_tokens):
+            next_id = self(idx)[:, -1].argmax(dim=-1, keepdim=True)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+
+
+def untie_head(model: GPT) -> None:
+    """Give the output head its own trainable copy of the (tied) embedding matrix, in place."""
+    if model.lm_head.weight is model.wte.weight:
+        model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
+
+
+PRETRAINED_DIR = Path(str(resources.files("pedaPEFT") / "weights"))
+
+
+def pretrained_paths(preset: str) -> tuple[Path, Path]:
+    """Paths of a shipped base: ``<preset>.safetensors`` (weights), ``<preset>.json`` (recipe)."""
+    return PRETRAINED_DIR / f"{preset}.safetensors", PRETRAINED_DIR / f"{preset}.json"
+
+
+def load_pretrained(preset: str = "tiny") -> GPT:
+    """The shipped pretrained base of ``preset`` (made by ``python -m pedaPEFT pretrain``).
+
+    Loads in well under a second, with no download; ``pretrained_info`` returns the recipe
+    and the metrics measured when the file was made.
+    """
+    from safetensors.torch import load_model
+
+    weights, _ = pretrained_paths(preset)
+    if not weights.exists():
+        shipped = sorted(p.stem for p in PRETRAINED_DIR.glob("*.safetensors"))
+        raise ValueError(f"preset must be one of the shipped bases {shipped}, got {preset!r}")
+    info = pretrained_info(preset)
+    model = GPT(GPTConfig.from_dict(info["model_config"]))
+    load_model(model, str(weights))
+    return model.eval()
+
+
+def pretrained_info(preset: str = "tiny") -> dict:
+    """Recipe and metrics recorded next to a shipped base."""
+    _, meta = pretrained_paths(preset)
+    if not meta.exists():
+        raise ValueError(f"no shipped base for preset {preset!r}")
+    return json.loads(meta.read_text())
+

@@ -1,0 +1,441 @@
+"""Training loop: AdamW, warm-up + cosine schedule, clipping, checkpoints, resume, DDP.
+
+One loop serves pretraining and every fine-tuning method. Data comes from a function
+``get_batch(step) -> (x, y)`` that returns the *global* batch of a step as a pure function
+of the step number; this one design choice gives
+
+* bit-identical resume: a resumed run sees exactly the batches the uninterrupted run saw;
+* data parallelism without a sampler: process r of W takes rows r B/W ... (r + 1) B/W - 1.
+
+Loss. With targets y (``IGNORE_INDEX`` where unscored) the loss of a step is the mean
+cross-entropy over the scored targets of the global batch, L = (1/n) sum_t CE_t. Each of W
+processes computes W / n * (sum of its own CE_t); DDP averages gradients over processes,
+which gives back exactly dL/dtheta, whatever the share of scored targets each process got.
+
+Schedule. lr(s) = lr (s + 1) / w for s < w (linear warm-up), then cosine decay from lr to
+lr_min = min_lr_ratio lr over the remaining steps.
+
+Fine-tuning methods. A method is a function ``prepare(model, **options) -> model`` that
+freezes, unfreezes or wraps modules in place; ``finetune`` prepares, trains whatever is left
+trainable and scores exact-match accuracy. ``register_method`` adds methods (adapters,
+LoRA, QLoRA) without touching this file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from pedaPEFT import data
+from pedaPEFT.gpt import GPT, untie_head
+
+CHECKPOINT_FORMAT = "pedaPEFT-train-checkpoint-v1"
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``batch_size`` is the global batch, split over processes."""
+
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 0  # 0: evaluate only at the end
+    checkpoint_interval: int = 0  # 0: write a checkpoint only at the end (if a path is given)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(
+                f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}"
+            )
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: per-step losses and learning rates, evaluations, wall time."""
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up, then cosine to the floor."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, in two groups.
+
+    Matrices (embeddings and Linear weights, ``dim >= 2``) get weight decay; biases and
+    LayerNorm gains do not, since shrinking them towards zero has no regularising meaning.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model has no trainable parameters (every requires_grad is False)")
+    groups = [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = trainable[0].device.type == "cuda"
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        fused=fused or None,
+    )
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied weight counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def distributed_setup() -> tuple[int, int, torch.device]:
+    """Join the process group that ``torchrun`` describes, or run alone.
+
+    Returns (rank, world_size, device): NCCL with one GPU per process when CUDA is there,
+    gloo on CPU otherwise.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    result: TrainResult,
+    config: TrainConfig,
+) -> None:
+    """Write everything a resume needs, atomically (temporary file, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "train_config": asdict(config),
+        "result": asdict(result),
+    }
+    if isinstance(model, GPT):
+        state["model_config"] = model.config.to_dict()
+    _atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint with ``weights_only=True`` (no code from the file is run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path must name an existing checkpoint file, got {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({e})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a pedaPEFT training checkpoint "
+            f"(expected format {CHECKPOINT_FORMAT!r})"
+        )
+    return state
+
+
+def _scored_loss(logits: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    ce = F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), y.view(-1),
+        ignore_index=data.IGNORE_INDEX, reduction="sum",
+    )
+    return ce * scale
+
+
+def train(
+    model: nn.Module,
+    get_batch: Callable[[int], Batch],
+    config: TrainConfig,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters for ``config.steps`` steps; see the module doc.
+
+    ``evaluate(model)`` is called every ``eval_interval`` steps and after the last one.
+    With ``resume=True`` the state in ``checkpoint`` (if the file exists) is loaded first and
+    training continues from its step; the outcome equals the uninterrupted run's bit for bit
+    on CPU. Under ``torchrun`` the model is wrapped in DistributedDataParallel and only
+    rank 0 writes checkpoints.
+    """
+    rank, world_size, device = distributed_setup()
+    if config.batch_size % world_size:
+        raise ValueError(
+            f"batch_size must be divisible by the number of processes ({world_size}), "
+            f"got {config.batch_size}"
+        )
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    result, start = TrainResult(), 0
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        result = TrainResult(**state["result"])
+        start = state["step"]
+    runner: nn.Module = model
+    if world_size > 1:
+        runner = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    local = config.batch_size // world_size
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.perf_counter()
+    model.train()
+    bar = tqdm(range(start, config.steps), disable=not config.progress or rank != 0,
+               initial=start, total=config.steps)
+    for step in bar:
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(step)
+        if x.shape[0] != config.batch_size:
+            raise ValueError(
+                f"get_batch returned {x.shape[0]} rows; config.batch_size is {config.batch_size}"
+            )
+        n_scored = int((y != data.IGNORE_INDEX).sum())
+        x = x[rank * local : (rank + 1) * local].to(device, non_blocking=True)
+        y = y[rank * local : (rank + 1) * local].to(device, non_blocking=True)
+        with autocast:
+            logits = runner(x)
+        loss = _scored_loss(logits, y, world_size / max(1, n_scored))
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = loss.detach()
+        if world_size > 1:
+            dist.all_reduce(step_loss)
+            step_loss /= world_size
+        result.losses.append(float(step_loss))
+        result.lrs.append(lr)
+        bar.set_postfix(loss=f"{result.losses[-1]:.4f}", refresh=False)
+        done = step + 1
+        is_last = done == config.steps
+        if evaluate is not None and (
+            is_last or (config.eval_interval and done % config.eval_interval == 0)
+        ):
+            result.evals.append({"step": done, **evaluate(model)})
+            model.train()
+        if checkpoint is not None and rank == 0 and (
+            is_last or (config.checkpoint_interval and done % config.checkpoint_interval == 0)
+        ):
+            save_checkpoint(checkpoint, model, optimizer, done, result, config)
+    bar.close()
+    result.seconds += time.perf_counter() - t0
+    model.eval()
+    return result
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def prepare_full(model: GPT) -> GPT:
+    """Full fine-tuning: every parameter trains."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def prepare_top(model: GPT, n_blocks: int = 1) -> GPT:
+    """Top-layer fine-tuning: the last ``n_blocks`` blocks, the final LayerNorm and the head.
+
+    The head gets its own copy of the embedding first, so the frozen bottom of the network
+    (which reads the embedding) is not changed through the tie.
+    """
+    if not 1 <= n_blocks <= len(model.blocks):
+        raise ValueError(f"n_blocks must be in [1, {len(model.blocks)}], got {n_blocks}")
+    untie_head(model)
+    model.requires_grad_(False)
+    for module in [*model.blocks[-n_blocks:], model.ln_f, model.lm_head]:
+        module.requires_grad_(True)
+    return model
+
+
+def prepare_feature(model: GPT) -> GPT:
+    """Feature-based: the pretrained network is a frozen feature extractor; only the head trains."""
+    untie_head(model)
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
+    return model
+
+
+METHODS: dict[str, Callable[..., nn.Module]] = {
+    "full": prepare_full,
+    "top": prepare_top,
+    "feature": prepare_feature,
+}
+
+
+def register_method(name: str, prepare: Callable[..., nn.Module]) -> None:
+    """Make ``finetune(..., method=name)`` call ``prepare(model, **method_options)``."""
+    if not callable(prepare):
+        raise TypeError(f"prepare must be callable, got {type(prepare).__name__}")
+    METHODS[name] = prepare
+
+
+FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup_steps=20,
+                              weight_decay=0.0, progress=False)
+
+
+@dataclass
+class FinetuneResult:
+    """Outcome of ``finetune``: counts, exact-match accuracy before and after, the run."""
+
+    task: str
+    method: str
+    trainable: int
+    total: int
+    accuracy_before: float
+    accuracy: float
+    run: TrainResult
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total
+
+
+def finetune(
+    model: GPT,
+    task: str,
+    method: str = "full",
+    config: TrainConfig | None = None,
+    n_train: int = 2048,
+    method_options: dict | None = None,
+    checkpoint: str | Path | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on downstream ``task`` with ``method`` and score it on the test split.
+
+    The model is prepared in place (``METHODS[method](model, **method_options)``), trained on
+    ``n_train`` examples, and scored by exact match on ``data.TEST_SIZE`` unseen examples.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    config = FINETUNE_CONFIG if config is None else config
+    block = model.config.block_size
+    train_set = data.task_data(task, "train", n_train, block)
+    test_set = data.task_data(task, "test", data.TEST_SIZE, block)
+    accuracy_before = data.exact_match(model, test_set)
+    model = METHODS[method](model, **(method_options or {}))
+    trainable, total = count_trainable(model)
+    run = train(
+        model,
+        lambda step: train_set.batch(step, config.batch_size),
+        config,
+        evaluate=lambda m: {"accuracy": data.exact_match(m, test_set)},
+        checkpoint=checkpoint,
+    )
+    return FinetuneResult(task, method, trainable, total, accuracy_before,
+                          run.evals[-1]["accuracy"], run)
+
+
+# --------------------------------------------------------------------------- pretraining
+
+PRETRAIN_CONFIG = TrainConfig(steps=600, batch_size=64, lr=3e-3, warmup_steps=30,
+                              weight_decay=0.1, eval_interval=200)
+
+
+def pretrain_metrics(model: GPT) -> dict[str, float]:
+    """Exact match on each pretraining task and each downstream task (the base's scores)."""
+    block = model.config.block_size
+    return {
+        f"{kind}/{name}": data.exact_match(model, data.task_data(name, "test", 256, block))
+        for kind, names in (("pretrain", data.PRETRAIN_TASKS), ("downstream", data.TASKS))
+        for name in names
+    }
+
+
+def pretrain(model: GPT, config: TrainConfig = PRETRAIN_CONFIG, seed: int = 0,
+             checkpoint: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Language-model pretraining on the synthetic mixture (``data.pretrain_batch``)."""
+    block = model.config.block_size
+    return train(
+        model,
+        lambda step: data.pretrain_batch(step, config.batch_size, block, seed),
+        config,
+        evaluate=pretrain_metrics,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Inverse of ``dataclasses.asdict`` for ``TrainConfig`` (unknown keys are an error)."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
+    return TrainConfig(**values)
