@@ -95,14 +95,19 @@ def test_rref_fixed_threshold_is_fragile_where_default_is_not():
 
     With the bare ``max(m, n)·eps·‖A‖_∞`` threshold some random low-rank products get a
     spurious pivot from amplified round-off; the default tolerance gets every one right.
+    The factors are multiples of 1/64, so every product is exact (the same on any machine)
+    and has exactly rank r.
     """
     eps = np.finfo(np.float64).eps
     fixed_wrong = default_wrong = 0
-    for seed in range(600):
+    for seed in range(1000):
         rng = np.random.default_rng(seed)
-        m, n = rng.integers(2, 13, size=2)
+        m, n = (int(v) for v in rng.integers(2, 13, size=2))
         r = int(rng.integers(1, min(m, n)))
-        A = random_low_rank(seed, int(m), int(n), r)
+        X = np.round(64 * rng.standard_normal((m, r))) / 64
+        Y = np.round(64 * rng.standard_normal((r, n))) / 64
+        A = X @ Y
+        assert np.linalg.matrix_rank(A) == r
         fixed = max(m, n) * eps * np.abs(A).sum(axis=1).max()
         fixed_wrong += len(linalg.rref(A, tol=fixed)[1]) != r
         default_wrong += len(linalg.rref(A)[1]) != r
