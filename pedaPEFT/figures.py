@@ -252,3 +252,41 @@ def weight_update_spectrum() -> Figure:
     axes.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+@register("paged_spike_memory")
+def paged_spike_memory(demo=None) -> Figure:  # noqa: ANN001 (a paged.SpikeDemo or None)
+    """Device memory per step, torch AdamW vs PagedAdamW, when two batches are larger.
+
+    ``demo`` is a ``paged.spike_demo()`` result (the lesson passes its own); run when None.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pedaPEFT import paged
+
+    demo = paged.spike_demo() if demo is None else demo
+    parts = [("weights", "C7"), ("grads", "C8"), ("activations", "C0"),
+             ("optimizer", "C3")]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    runs = ((axes[0], demo.plain, "torch AdamW: out of memory at the first large batch"),
+            (axes[1], demo.paged, "PagedAdamW: states leave for the large batches"))
+    for ax, records, title in runs:
+        steps = np.array([record.step for record in records])
+        bottom = np.zeros(len(records))
+        for name, color in parts:
+            height = np.array([getattr(record, name) for record in records]) / 1e6
+            label = "optimizer states on the device" if name == "optimizer" else name
+            ax.bar(steps, height, bottom=bottom, color=color, width=0.8, label=label)
+            bottom += height
+        over = bottom > demo.capacity_bytes / 1e6
+        if over.any():
+            ax.bar(steps[over], bottom[over], width=0.8, facecolor="none", edgecolor="k",
+                   hatch="//", label="does not fit")
+        ax.axhline(demo.capacity_bytes / 1e6, color="k", lw=1.5, ls="--", label="device capacity")
+        ax.set(xlabel="training step", title=title, xlim=(-0.7, len(demo.batch_sizes) - 0.3))
+        ax.title.set_fontsize(9)
+    axes[0].set_ylabel("device memory (MB)")
+    axes[0].legend(fontsize=8, loc="center right")
+    figure.tight_layout()
+    return figure

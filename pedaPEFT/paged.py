@@ -600,3 +600,81 @@ def train_on_simulated_device(
         optimizer.step()
         records.append(record)
     return records
+
+
+@dataclass
+class SpikeDemo:
+    """Full fine-tuning of a small GPT on a device that a larger batch overfills.
+
+    ``plain`` holds torch AdamW's footprints up to the step that did not fit; ``paged`` the
+    PagedAdamW run through every step; ``max_abs_difference`` compares the paged run's weights
+    with the same training on an unlimited device.
+    """
+
+    capacity_bytes: int
+    batch_sizes: list[int]
+    plain: list[StepFootprint]
+    plain_error: str
+    paged: list[StepFootprint]
+    stats: PagingStats
+    losses: list[float]
+    max_abs_difference: float
+
+
+def spike_demo(preset: str = "tiny", normal_batch: int = 8, spike_batch: int = 12,
+               seed: int = 0) -> SpikeDemo:
+    """Run the lesson's experiment: 14 steps, steps 6 and 7 use ``spike_batch`` sequences.
+
+    The device holds weights, gradients, every AdamW state and the activations of a normal
+    batch plus a quarter: ``capacity = 2·W + S + 1.25·A(normal)``, W the weight bytes, S the
+    state bytes (2·W for fp32). A spike batch needs more than that unless states leave.
+    """
+    import copy
+
+    import torch.nn.functional as F
+
+    from pedaPEFT import data, gpt
+
+    config = gpt.GPTConfig.preset(preset)
+    torch.manual_seed(seed)
+    base = gpt.GPT(config)
+    sizes = [normal_batch] * 6 + [spike_batch] * 2 + [normal_batch] * 6
+    batches = [data.pretrain_batch(step, size, block_size=config.block_size, seed=seed)
+               for step, size in enumerate(sizes)]
+    losses: list[float] = []
+
+    def loss_fn(model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(),
+                               ignore_index=data.IGNORE_INDEX)
+        losses.append(loss.item())
+        return loss
+
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    states = sum(state_bytes(p) for p in base.parameters())
+    capacity = 2 * weights + states + activation_bytes(base, batches[0][0]) * 5 // 4
+
+    plain_model = copy.deepcopy(base)
+    try:
+        train_on_simulated_device(plain_model, torch.optim.AdamW(plain_model.parameters()),
+                                  batches, loss_fn, capacity)
+        raise AssertionError("the spike was meant not to fit without paging")
+    except DeviceOutOfMemoryError as error:
+        plain, plain_error = error.records, str(error)
+
+    losses.clear()
+    paged_model = copy.deepcopy(base)
+    optimizer = PagedAdamW(paged_model.parameters(), budget_bytes=capacity)
+    paged = train_on_simulated_device(paged_model, optimizer, batches, loss_fn, capacity)
+    paged_losses = list(losses)
+
+    free_model = copy.deepcopy(base)
+    free = torch.optim.AdamW(free_model.parameters())
+    for x, y in batches:
+        free.zero_grad(set_to_none=True)
+        loss_fn(free_model, x, y).backward()
+        free.step()
+    difference = max((p - q).abs().max().item()
+                     for p, q in zip(paged_model.parameters(), free_model.parameters(),
+                                     strict=True))
+    return SpikeDemo(capacity, sizes, plain, plain_error, paged, optimizer.stats, paged_losses,
+                     difference)
