@@ -290,8 +290,17 @@ class PagedAdamW(torch.optim.Optimizer):
         self.stats.evicted_params = [i for i, param in enumerate(params) if param in evicted]
 
     def set_budget(self, budget_bytes: int) -> None:
-        """Change the device budget; states that no longer fit are evicted, others come back."""
-        self._budget_bytes = _check_positive_int(budget_bytes, "budget_bytes")
+        """Change the device budget; states that no longer fit are evicted, others come back.
+
+        A budget too small to page raises ``ValueError`` and leaves everything as it was.
+        """
+        previous, self._budget_bytes = (
+            self._budget_bytes, _check_positive_int(budget_bytes, "budget_bytes"))
+        try:
+            self._plan()
+        except ValueError:
+            self._budget_bytes = previous
+            raise
         self._apply_plan()
 
     def _host_empty(self, like: Tensor) -> Tensor:

@@ -378,3 +378,14 @@ def test_simulated_device_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity_bytes"):
         train_on_simulated_device(module, PagedAdamW(module.parameters(), budget_bytes=1000),
                                   spiky_batches([2]), mse, 0)
+
+
+def test_a_refused_budget_change_leaves_the_plan_as_it_was():
+    module = model()
+    total = total_state_bytes(module)
+    optimizer = PagedAdamW(module.parameters(), budget_bytes=total // 2)
+    before = (optimizer.stats.budget_bytes, list(optimizer.stats.evicted_params))
+    with pytest.raises(ValueError, match="too small to page"):
+        optimizer.set_budget(100)
+    assert (optimizer.stats.budget_bytes, optimizer.stats.evicted_params) == before
+    assert optimizer.page_bytes == (total // 2) // 32 // 8 * 8
