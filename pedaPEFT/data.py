@@ -10,7 +10,7 @@ The model reads the prompt ``<tag>:<input>=`` and must write the answer and the 
   scores near zero and fine-tuning methods differ in what they can learn:
   ``shift`` (every letter to its successor: the base's copy routing is enough, the letter map
   must change), ``reverse`` (the attention routing must change), ``swap`` (swap neighbours:
-  routing that alternates with position) and ``sort`` (order the letters).
+  routing that alternates with position).
 
 Exact-match accuracy counts an example correct when every answer character (and the
 closing newline) is the arg-max prediction given the gold prefix. For a prompt that is the
@@ -103,7 +103,6 @@ TASKS: dict[str, Task] = {
                   "replace every letter by the next one (z -> a)"),
     "reverse": Task("reverse", "r", lambda s: s[::-1], 6, 6, "write the input backwards"),
     "swap": Task("swap", "w", _swap_pairs, 6, 6, "swap each pair of neighbouring letters"),
-    "sort": Task("sort", "o", lambda s: "".join(sorted(s)), 6, 6, "sort the letters"),
 }
 
 SPLIT_SEEDS = {"train": 1, "test": 2}
