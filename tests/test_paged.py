@@ -389,3 +389,21 @@ def test_a_refused_budget_change_leaves_the_plan_as_it_was():
         optimizer.set_budget(100)
     assert (optimizer.stats.budget_bytes, optimizer.stats.evicted_params) == before
     assert optimizer.page_bytes == (total // 2) // 32 // 8 * 8
+
+
+def test_gpu_benchmark_runs_end_to_end_in_smoke_mode(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "paged_gpu.py"
+    spec = importlib.util.spec_from_file_location("paged_gpu", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "paged_gpu", benchmark)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "paged_smoke.md"
+    assert benchmark.main(["--smoke", "--out", str(out), "--steps", "2"]) == 0
+    table = out.read_text()
+    assert "| training step time, PagedAdamW, nothing evicted / torch AdamW |" in table
+    assert "after 3 steps, PagedAdamW, half evicted | 0.00e+00 |" in table
+    assert "not measured (needs CUDA)" in table
