@@ -575,22 +575,21 @@ def _two_byte_table(code_bytes: bytes, device: str) -> torch.Tensor:
     return table.to(device)
 
 
-def _decode_4bit(packed: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+def _decode_4bit(packed: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``code[nibble]`` for every nibble of ``packed``, high nibble first (float32, flat).
 
-    Two bytes at a time are read as one little-endian 16-bit index into a 65,536 x 4 table, so
-    one gather yields four values. On the CPU the gather is numpy's ``take`` (several times
-    faster than torch's indexing kernel there); elsewhere ``embedding``. Both copy table rows
-    exactly, so every device gives the same bits.
+    Two bytes at a time are read as one little-endian 16-bit index into the 65,536 x 4
+    ``table`` of :func:`_two_byte_table`, so one gather yields four values. On the CPU the
+    gather is numpy's ``take`` (several times faster than torch's indexing kernel there);
+    elsewhere ``embedding``. Both copy table rows exactly, so every device gives the same bits.
     """
     flat = packed.reshape(-1)
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    table = _two_byte_table(code.float().cpu().numpy().tobytes(), str(flat.device))
     if flat.device.type == "cpu":
         rows = table.numpy().view(np.complex128).reshape(-1)  # one 16-byte item per row
-        values = np.take(rows, flat.contiguous().numpy().view(np.uint16)).view(np.float32)
-        return torch.from_numpy(values)
+        index = flat.contiguous().numpy().view(np.uint16)
+        return torch.from_numpy(np.take(rows, index, mode="clip").view(np.float32))
     index = flat.contiguous().view(torch.int16).int() & 0xFFFF
     return torch.nn.functional.embedding(index, table).reshape(-1)
 
@@ -598,7 +597,9 @@ def _decode_4bit(packed: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 def dequantize_4bit(state: QuantState) -> torch.Tensor:
     """``code[q_i] * absmax_j`` in float32, cast to the original dtype and reshaped."""
     _check_state(state)
-    values = _decode_4bit(state.packed, state.code)[: state.numel]
+    packed = state.packed.reshape(-1)
+    table = _two_byte_table(state.code.float().cpu().numpy().tobytes(), str(packed.device))
+    values = _decode_4bit(packed, table)[: state.numel]
     out = _times_block_scale(values, dequantize_absmax(state), state.blocksize)
     return out.to(state.dtype).reshape(state.shape)
 

@@ -17,7 +17,7 @@ F = pytest.importorskip("bitsandbytes.functional")
 pytestmark = pytest.mark.reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SHAPES = [(64,), (99,), (37, 113), (256, 512), (3, 5, 7), (4133,)]
+SHAPES = [(64,), (99,), (37, 113), (256, 512), (3, 5, 7), (4133,), (70001,)]
 
 
 def weight(shape, dtype, seed=0):
