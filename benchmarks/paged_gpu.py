@@ -150,6 +150,84 @@ def measure_peak(arm: Arm, base: torch.nn.Module, config, batch: int, device) ->
     return peak
 
 
+def step_peak(model, optimizer, x, y) -> int:
+    """Peak bytes allocated during one training step."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(Arm("", None, model, optimizer), x, y)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def spike_under_a_cap(base, config, batch: int, device, total_state: int) -> list[tuple]:
+    """A larger batch under a memory cap: torch AdamW runs out of memory, PagedAdamW finishes.
+
+    Without a cap, measure one step's peak at ``batch`` and the extra memory e of one more
+    sequence. The spike adds k sequences with k·e about half the optimizer states; the cap
+    (``torch.cuda.set_per_process_memory_fraction``) is the normal peak plus half the spike's
+    extra, so the spike cannot run with every state on the GPU. PagedAdamW lowers its budget
+    by 1.5 times the spike's extra before the spike (the half for the allocator's slack) and
+    restores it after.
+    """
+    data = {size: next(batches(config, size, 1, device)) for size in (batch, batch + 1)}
+    model = copy.deepcopy(base)
+    optimizer = torch.optim.AdamW(model.parameters())
+    step_peak(model, optimizer, *data[batch])
+    normal = step_peak(model, optimizer, *data[batch])
+    per_sequence = step_peak(model, optimizer, *data[batch + 1]) - normal
+    del model, optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+    extra_sequences = int(0.5 * total_state // max(per_sequence, 1))
+    if extra_sequences < 1:
+        return [("spike under a memory cap", "not measured (one sequence needs more memory "
+                 "than half the optimizer states)", "", "")]
+    spike = batch + extra_sequences
+    data[spike] = next(batches(config, spike, 1, device))
+    extra = extra_sequences * per_sequence
+    cap = normal + extra // 2
+    outcomes = {}
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device)
+                                               .total_memory, device)
+    try:
+        for name in ("PagedAdamW", "torch AdamW"):
+            model = copy.deepcopy(base)
+            paged = name == "PagedAdamW"
+            optimizer = (PagedAdamW(model.parameters(), budget_bytes=total_state) if paged
+                         else torch.optim.AdamW(model.parameters()))
+            arm = Arm(name, None, model, optimizer)
+            stage = "a normal step before the spike"
+            try:
+                train_step(arm, *data[batch])
+                stage = "the spike"
+                if paged:  # evict the spike's extra and a half more, for the allocator's slack
+                    optimizer.set_budget(max(total_state - 3 * extra // 2, total_state // 8))
+                train_step(arm, *data[spike])
+                stage = "a normal step after the spike"
+                if paged:
+                    optimizer.set_budget(total_state)
+                train_step(arm, *data[batch])
+                torch.cuda.synchronize()
+                outcomes[name] = "completed"
+            except torch.cuda.OutOfMemoryError:
+                outcomes[name] = f"out of memory at {stage}"
+            del arm, model, optimizer
+            gc.collect()
+            torch.cuda.empty_cache()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return [
+        (f"cap {cap / 2**30:.3f} GiB (normal peak + half the spike's extra); spike: batch "
+         f"{spike} instead of {batch} (+{extra / 2**30:.3f} GiB)", "", "", ""),
+        ("spike under the cap, torch AdamW", outcomes["torch AdamW"],
+         "out of memory at the spike",
+         "met" if outcomes["torch AdamW"] == "out of memory at the spike" else "MISSED"),
+        ("spike under the cap, PagedAdamW (budget lowered for the spike)",
+         outcomes["PagedAdamW"], "completed",
+         "met" if outcomes["PagedAdamW"] == "completed" else "MISSED"),
+    ]
+
+
 def pinned_copy_bandwidth(device: torch.device, n_bytes: int = 256 * 1024 * 1024) -> float:
     """Host (pinned) -> device copy bandwidth in bytes/s, the ceiling for paging in."""
     host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
@@ -265,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         if bnb_factory is not None:
             rows.append(("peak GPU memory, bitsandbytes PagedAdamW",
                          "not comparable (managed memory is outside PyTorch's allocator)", "", ""))
+        try:
+            rows.extend(spike_under_a_cap(base, config, batch, device, total_state))
+        except Exception as error:  # noqa: BLE001 (report, keep the table)
+            rows.append(("spike under a memory cap", f"failed: {type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:120]}", "", ""))
         device_name = torch.cuda.get_device_name(device)
     else:
         rows.append(("peak GPU memory saved", "not measured (no GPU in --smoke)", "", ""))
