@@ -25,7 +25,7 @@
 # by hand, and by the singular value decomposition, as numerical software does — build the
 # factorization, count what it saves, and see why "is this number zero?" needs a tolerance in
 # floating point. Along the way every number on the lecture's rank slides is recomputed; two of
-# them are wrong.
+# its statements turn out wrong.
 #
 # **You will learn:** the definition of rank; Gauss–Jordan elimination with partial pivoting;
 # rank factorization $A = CF$; the count $n^2 \to 2rn$ and when it actually saves; why the SVD
@@ -96,8 +96,8 @@ print("det M3 by cofactors =", det_M3, "| by NumPy =", round(np.linalg.det(M3), 
 # zero everywhere else, and zero rows sit at the bottom. The rank is the number of pivots.
 #
 # In floating point we also use **partial pivoting**: in each column we swap up the entry of
-# largest magnitude, so that every multiplier we subtract with has $|l| \le 1$ and round-off
-# cannot grow. Here are the steps on $M_2$, written out:
+# largest magnitude, so that every multiplier we subtract with has $|l| \le 1$ and round-off is
+# not magnified by large multipliers. Here are the steps on $M_2$, written out:
 
 # %%
 R = M2.astype(float)

@@ -170,15 +170,7 @@ print(f"||A||_F (error of the zero matrix): {np.linalg.norm(A):.4f}")
 photo = figures.sample_photograph()
 m, n = photo.shape
 U_photo, sigma, Vt_photo = linalg.truncated_svd(photo, min(m, n))  # the full SVD, once
-print(
-    "shape:",
-    photo.shape,
-    "| rank:",
-    linalg.matrix_rank(photo),
-    "(full: min(m, n) =",
-    min(m, n),
-    ")",
-)
+print(f"shape: {photo.shape} | rank: {linalg.matrix_rank(photo)} (full rank: {min(m, n)})")
 print("largest singular values:", np.round(sigma[:5], 2))
 print("singular values 100, 200, 400, 512:", np.round(sigma[[99, 199, 399, 511]], 4))
 energy = np.cumsum(sigma**2) / np.sum(sigma**2)
@@ -187,7 +179,7 @@ for k in (1, 10, 50):
 
 # %% [markdown]
 # The photograph is full rank, but its spectrum falls by four orders of magnitude: the first
-# layer alone (the average brightness pattern) carries most of $\|A\|_F^2$. A rank-$k$
+# layer alone (a smooth, all-positive brightness pattern) carries most of $\|A\|_F^2$. A rank-$k$
 # truncated SVD stores $U_k$, $\Sigma_k$ and $V_k^\top$: $k(m + n) + k$ numbers
 # (`linalg.svd_param_count`; below we count the stored arrays themselves). The relative error
 # is predicted by Eckart–Young from the spectrum alone, and measured on the reconstruction:
@@ -335,19 +327,18 @@ X_test = test_rng.standard_normal((2000, 96))
 Y_test = X_test @ (task.W_before + task.update).T
 
 
-def test_error(weight):
+def held_out_error(weight):
     """Mean squared error of y = weight x on the held-out inputs (noise-free targets)."""
     return np.mean((X_test @ weight.T - Y_test) ** 2)
 
 
 print(f"{'update used':>22} {'test MSE':>9} {'numbers':>8}")
-print(f"{'none (W_before)':>22} {test_error(task.W_before):>9.5f} {0:>8}")
+print(f"{'none (W_before)':>22} {held_out_error(task.W_before):>9.5f} {0:>8}")
 for k in (1, 2, 3, 6, 20):
     W_k = task.W_before + linalg.low_rank_approx(delta_W, k)
-    print(
-        f"{f'rank {k}':>22} {test_error(W_k):>9.5f} {linalg.factorized_param_count(64, 96, k):>8}"
-    )
-print(f"{'full delta_W':>22} {test_error(W_after):>9.5f} {delta_W.size:>8}")
+    numbers = linalg.factorized_param_count(64, 96, k)
+    print(f"{f'rank {k}':>22} {held_out_error(W_k):>9.5f} {numbers:>8}")
+print(f"{'full delta_W':>22} {held_out_error(W_after):>9.5f} {delta_W.size:>8}")
 
 # %% [markdown]
 # With rank 3 the layer is about ten times more accurate than with the full update, from 480

@@ -120,7 +120,8 @@ def rref(A: Any, tol: float | None = None) -> tuple[np.ndarray, tuple[int, ...]]
     """Reduced row echelon form of ``A`` by Gauss–Jordan elimination with partial pivoting.
 
     Column by column, the entry of largest magnitude at or below the current row is swapped
-    up (partial pivoting keeps the multipliers ``|l| <= 1``, so round-off does not grow).
+    up (partial pivoting keeps the multipliers ``|l| <= 1``, so they do not magnify
+    round-off).
     If that entry is not above the tolerance the column has no pivot: its remaining entries
     are set to zero. Otherwise the pivot row is divided by the pivot and the column is
     cleared in every other row. The result ``R`` has, in each of its first ``r`` rows, a
