@@ -435,6 +435,11 @@ class PagedAdamW(torch.optim.Optimizer):
             self._staging = torch.empty(
                 self.stats.staging_bytes, dtype=torch.uint8, device=self.device
             )
+        # The side stream starts after the compute stream's queued work: the page buffers may
+        # reuse memory that queued kernels still touch when they were just allocated.
+        compute_ready = self._record()
+        with self._side():
+            self._wait(compute_ready)
         loaded = self._page_in(pages[0], slot=0)
         for i, page in enumerate(pages):
             slot = i % 2
