@@ -56,9 +56,16 @@ def dequantize_4bit_reference(
 
 if triton is not None:
 
+    @triton.autotune(
+        configs=[
+            triton.Config({"BLOCKS_PER_PROGRAM": bpp}, num_warps=warps)
+            for bpp, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8), (256, 8))
+        ],
+        key=["n_blocks", "WORDS_PER_BLOCK"],
+    )
     @triton.jit
     def _dequantize_4bit_kernel(
-        packed_ptr,
+        words_ptr,
         absmax_ptr,
         code_ptr,
         nested_absmax_ptr,
@@ -67,13 +74,14 @@ if triton is not None:
         out_ptr,
         n,
         n_blocks,
-        BYTES_PER_BLOCK: tl.constexpr,
-        BLOCKS_PER_PROGRAM: tl.constexpr,
+        WORDS_PER_BLOCK: tl.constexpr,
         DQ_BLOCKSIZE: tl.constexpr,
         DOUBLE_QUANT: tl.constexpr,
+        BLOCKS_PER_PROGRAM: tl.constexpr,
     ):
-        # One program dequantizes BLOCKS_PER_PROGRAM quantization blocks, laid out as a
-        # [blocks, bytes] tile: each row shares one scale, each byte yields two outputs.
+        # One program dequantizes BLOCKS_PER_PROGRAM quantization blocks as a tile
+        # [blocks, 32-bit words, 8 nibbles]: every row shares one scale; each word is read
+        # once and yields 8 consecutive outputs, so loads and stores are both contiguous.
         blocks = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
         block_ok = blocks < n_blocks
         if DOUBLE_QUANT:
@@ -82,13 +90,21 @@ if triton is not None:
             scale = tl.load(nested_code_ptr + q) * outer + tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)
-        byte = blocks[:, None] * BYTES_PER_BLOCK + tl.arange(0, BYTES_PER_BLOCK)[None, :]
-        raw = tl.load(packed_ptr + byte, mask=byte < (n + 1) // 2, other=0).to(tl.int32)
-        high = tl.load(code_ptr + (raw >> 4)) * scale[:, None]
-        low = tl.load(code_ptr + (raw & 15)) * scale[:, None]
-        values = tl.reshape(tl.join(high, low), (BLOCKS_PER_PROGRAM, 2 * BYTES_PER_BLOCK))
-        out = blocks[:, None] * (2 * BYTES_PER_BLOCK) + tl.arange(0, 2 * BYTES_PER_BLOCK)[None, :]
+        word = blocks[:, None] * WORDS_PER_BLOCK + tl.arange(0, WORDS_PER_BLOCK)[None, :]
+        raw = tl.load(words_ptr + word, mask=block_ok[:, None], other=0)
+        # Little-endian words: byte k sits at bits 8k..8k+7, its high nibble comes first.
+        lane = tl.arange(0, 8)
+        shift = 8 * (lane // 2) + 4 * (1 - lane % 2)
+        nibble = (raw[:, :, None] >> shift[None, None, :]) & 15
+        values = tl.load(code_ptr + nibble) * scale[:, None, None]
+        values = tl.reshape(values, (BLOCKS_PER_PROGRAM, WORDS_PER_BLOCK * 8))
+        out = blocks[:, None] * (WORDS_PER_BLOCK * 8) + tl.arange(0, WORDS_PER_BLOCK * 8)[None, :]
         tl.store(out_ptr + out, values.to(out_ptr.dtype.element_ty), mask=out < n)
+
+
+def triton_supports(blocksize: int) -> bool:
+    """The kernel reads whole 32-bit words per block: blocksize a power of two, at least 8."""
+    return triton is not None and blocksize >= 8 and blocksize & (blocksize - 1) == 0
 
 
 def dequantize_4bit_triton(
@@ -102,35 +118,67 @@ def dequantize_4bit_triton(
     blocksize: int,
     dq_blocksize: int,
     out_dtype: torch.dtype,
-    blocks_per_program: int = 32,
-    num_warps: int = 4,
 ) -> torch.Tensor:
     """The same function as ``dequantize_4bit_reference`` as one fused CUDA kernel launch."""
-    if triton is None:
-        raise RuntimeError("dequantize_4bit_triton needs Triton, which CUDA builds of torch ship")
-    out = torch.empty(n, dtype=out_dtype, device=packed.device)
+    if not triton_supports(blocksize):
+        raise RuntimeError(
+            f"dequantize_4bit_triton needs Triton and a power-of-two blocksize >= 8, "
+            f"got blocksize={blocksize}"
+        )
     n_blocks = absmax.numel()
+    padded_bytes = n_blocks * blocksize // 2
+    if packed.numel() != padded_bytes or packed.data_ptr() % 4:
+        # A partial last block (or a misaligned view): copy into whole, aligned words.
+        packed = torch.nn.functional.pad(packed.reshape(-1), (0, padded_bytes - packed.numel()))
+    out = torch.empty(n, dtype=out_dtype, device=packed.device)
     double_quant = nested_absmax is not None
-    dummy = absmax  # never read when double_quant is False
-    grid = (triton.cdiv(n_blocks, blocks_per_program),)
+    unused = absmax  # stands in for the nested tensors, never read when double_quant is False
+
+    def grid(meta):
+        return (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
+
     _dequantize_4bit_kernel[grid](
-        packed,
+        packed.view(torch.int32),
         absmax,
         code,
-        nested_absmax if double_quant else dummy,
-        nested_code if double_quant else dummy,
-        offset if double_quant else dummy,
+        nested_absmax if double_quant else unused,
+        nested_code if double_quant else unused,
+        offset if double_quant else unused,
         out,
         n,
         n_blocks,
-        BYTES_PER_BLOCK=blocksize // 2,
-        BLOCKS_PER_PROGRAM=blocks_per_program,
+        WORDS_PER_BLOCK=blocksize // 8,
         DQ_BLOCKSIZE=dq_blocksize,
         DOUBLE_QUANT=double_quant,
-        num_warps=num_warps,
         enable_fp_fusion=False,  # product then sum, rounded separately, as on the CPU
     )
     return out
+
+
+def dequantize_4bit_eager(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n: int,
+    blocksize: int,
+    dq_blocksize: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantize a packed 4-bit weight to a flat tensor of ``n`` elements in ``out_dtype``.
+
+    Runs the fused Triton kernel for CUDA tensors (when Triton is installed) and the plain
+    PyTorch formula elsewhere; both compute the formula of this module's docstring. Called
+    directly in eager mode (a registered operator costs tens of microseconds of Python per
+    call, which a training step pays twice per layer); :func:`dequantize_4bit` is the same
+    function registered as an operator for ``torch.compile``.
+    """
+    args = (packed, absmax, code, nested_absmax, nested_code, offset, n, blocksize, dq_blocksize)
+    if packed.is_cuda and triton_supports(blocksize):
+        return dequantize_4bit_triton(*args, out_dtype)
+    return dequantize_4bit_reference(*args, out_dtype)
 
 
 @torch.library.custom_op("pedapeft::dequantize_4bit", mutates_args=())
@@ -146,15 +194,10 @@ def dequantize_4bit(
     dq_blocksize: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Dequantize a packed 4-bit weight to a flat tensor of ``n`` elements in ``out_dtype``.
-
-    Runs the fused Triton kernel for CUDA tensors (when Triton is installed) and the plain
-    PyTorch formula elsewhere; both compute the formula of this module's docstring.
-    """
-    args = (packed, absmax, code, nested_absmax, nested_code, offset, n, blocksize, dq_blocksize)
-    if packed.is_cuda and triton is not None:
-        return dequantize_4bit_triton(*args, out_dtype)
-    return dequantize_4bit_reference(*args, out_dtype)
+    """:func:`dequantize_4bit_eager` as ``torch.ops.pedapeft.dequantize_4bit``: one opaque node
+    in a compiled graph, with a shape-only fake implementation for tracing."""
+    return dequantize_4bit_eager(packed, absmax, code, nested_absmax, nested_code, offset, n,
+                                 blocksize, dq_blocksize, out_dtype)
 
 
 @dequantize_4bit.register_fake

@@ -130,7 +130,11 @@ def _dequantize(fmt: BaseFormat, tensors: tuple[torch.Tensor | None, ...], dtype
         qweight, row_absmax = tensors[:2]
         return (qweight.float() * (row_absmax / 127.0)[:, None]).to(dtype)
     packed, absmax, code, nested_absmax, nested_code, offset = tensors
-    flat = kernels.dequantize_4bit(
+    # The registered operator keeps torch.compile graphs whole; eager mode skips its dispatch.
+    dequantize = (
+        kernels.dequantize_4bit if torch.compiler.is_compiling() else kernels.dequantize_4bit_eager
+    )
+    flat = dequantize(
         packed,
         absmax,
         code,
