@@ -407,3 +407,29 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode(tmp_path, monkeypatch):
     assert "| training step time, PagedAdamW, nothing evicted / torch AdamW |" in table
     assert "after 3 steps, PagedAdamW, half evicted | 0.00e+00 |" in table
     assert "not measured (needs CUDA)" in table
+
+
+def test_mixed_dtypes_share_the_page_buffers():
+    reference, paged_model = model(), model()
+    for module in (reference, paged_model):
+        module[0].to(torch.bfloat16)
+        module[4].to(torch.float64)
+
+    def forward(module, x):
+        h = module[1](module[0](x.to(torch.bfloat16)).float())
+        h = module[3](module[2](h))
+        return module[4](h.double())
+
+    expected = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    optimizer = PagedAdamW(paged_model.parameters(), lr=1e-2, budget_bytes=4 * 64 + 8,
+                           page_bytes=64)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(4, 20, generator=generator), torch.randn(4, 5, generator=generator)
+        for module, opt in ((reference, expected), (paged_model, optimizer)):
+            opt.zero_grad()
+            nn.functional.mse_loss(forward(module, x), y.double()).backward()
+            opt.step()
+    assert optimizer.stats.resident_bytes == 0
+    assert_same_parameters(reference, paged_model)
+    assert optimizer.state[paged_model[0].weight]["exp_avg"].dtype == torch.bfloat16
