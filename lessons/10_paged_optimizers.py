@@ -435,3 +435,31 @@ exercises.check_number(
     rtol=1e-3,
     hint="LoRA parameters grow linearly with r; each has 8 bytes of AdamW state.",
 )
+
+# %% [markdown]
+# **Exercise 4.** On the simulated device of section 4 (capacity `capacity`), what is the
+# largest batch (of `config.block_size`-token sequences) that plain AdamW can train on, with
+# every state on the device? Activations grow in proportion to the batch size (compare the
+# batches of 8 and 12 above). Store the answer in `largest_plain_batch`.
+
+# %%
+### BEGIN SOLUTION
+per_sequence = act_normal // 8
+largest_plain_batch = (capacity - 2 * weight_bytes - state_bytes) // per_sequence
+### END SOLUTION
+
+# %%
+def fits_without_paging(batch_size):
+    x, _ = data.pretrain_batch(0, batch_size, block_size=config.block_size)
+    need = 2 * weight_bytes + state_bytes + paged.activation_bytes(model, x)
+    return need <= capacity
+
+
+largest = next(b for b in range(1, 64) if not fits_without_paging(b + 1))
+exercises.check_integer(
+    largest_plain_batch,
+    expected=largest,
+    name="largest_plain_batch",
+    hint="Subtract weights, gradients and states from the capacity, then divide by the "
+    "activation bytes of one sequence (a batch of 8 holds act_normal bytes).",
+)
