@@ -645,6 +645,15 @@ def spike_demo(preset: str = "tiny", normal_batch: int = 8, spike_batch: int = 1
     batch plus a quarter: ``capacity = 2·W + S + 1.25·A(normal)``, W the weight bytes, S the
     state bytes (2·W for fp32). A spike batch needs more than that unless states leave.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread, rather than waiting on busy cores
+    try:
+        return _spike_demo(preset, normal_batch, spike_batch, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _spike_demo(preset: str, normal_batch: int, spike_batch: int, seed: int) -> SpikeDemo:
     import copy
 
     import torch.nn.functional as F
