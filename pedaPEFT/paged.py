@@ -35,6 +35,11 @@ so the paging logic itself can be tested and taught on a laptop.
 
 The update equals ``torch.optim.AdamW(amsgrad=False)`` (the tests compare them bit for bit on
 CPU); ``state_dict`` has torch's layout plus an ``"optimizer"`` tag, and round-trips exactly.
+
+What paging buys is shown on a simulated device as well: :func:`activation_bytes` measures
+what a forward pass saves for backward, :func:`train_on_simulated_device` checks each step's
+footprint (weights + gradients + activations + device states) against a capacity and lowers a
+``PagedAdamW``'s budget for large batches, and :func:`spike_demo` is lesson 10's experiment.
 """
 
 from __future__ import annotations
