@@ -358,9 +358,24 @@ plt.show()
 # exactly the distance, in the spectral norm, from $A$ to the nearest rank-1 matrix. At
 # $\delta = 1.5 \times 10^{-3}$, $A$ is within $7.5 \times 10^{-4}$ of a rank-1 matrix —
 # indistinguishable from one at our precision. A pivot is not such a distance: here it
-# overstates it by a factor 2, and for some matrices (a famous one is Kahan's triangular
-# matrix) no pivot is small at all although the matrix is within $10^{-10}$ of singular. This
-# is why numerical libraries count rank with the SVD, and why row reduction remains the way to
+# overstates it by a factor 2, and it can be far worse. Kahan's matrix is upper triangular
+# with diagonal $1, s, s^2, \dots, s^{n-1}$ and $-c\,s^{i}$ above the diagonal of row $i$
+# ($s^2 + c^2 = 1$). Being triangular, its pivots are its diagonal entries, none of them small;
+# yet it is almost singular:
+
+# %%
+n, c = 90, 0.285
+s = np.sqrt(1 - c**2)
+kahan = np.diag(s ** np.arange(n)) @ (np.eye(n) - c * np.triu(np.ones((n, n)), 1))
+print(f"smallest pivot (diagonal entry): {np.abs(np.diag(kahan)).min():.4f}")
+print(f"smallest singular value:         {np.linalg.svd(kahan, compute_uv=False)[-1]:.1e}")
+for method in ("rref", "svd"):
+    print(f"rank with tol=1e-10 by {method}: {linalg.matrix_rank(kahan, 1e-10, method=method)}")
+
+# %% [markdown]
+# Every pivot is above 0.02, so row reduction reports full rank 90 at any tolerance below
+# that; but the matrix is within $10^{-11}$ of a singular one, which only the SVD sees. This is
+# why numerical libraries count rank with the SVD, and why row reduction remains the way to
 # *understand* rank and to build the factorization by hand.
 #
 # ## Summary
