@@ -1,0 +1,321 @@
+"""Fine-tuning experiments on the small GPT behind lessons 4 and 5, and their result files.
+
+Each experiment fine-tunes the shipped pretrained base (``gpt.load_pretrained``) on one
+downstream task of :mod:`pedaPEFT.data` with several methods or LoRA settings and several
+seeds, and reports exact-match accuracy on the unseen test split.  A seed changes the random
+initialisation of the new parameters (LoRA's ``A``, the adapters' down-projections) and the
+order of the training batches.
+
+* ``adapters``: full fine-tuning, top-layer fine-tuning, bottleneck adapters and LoRA at
+  their trainable share (lesson 4; the lecture's adapter slide).
+* ``tables``: the LoRA paper's tables 5 and 6 in miniature (lesson 5): which attention
+  weights to adapt at an equal budget of ``8 · L · 2d`` trainable numbers (r = 8 for one
+  type, 4 for two, 2 for four), and which rank r ∈ {1, 2, 4, 8, 64} for W_q, {W_q, W_v} and
+  {W_q, W_k, W_v, W_o}.  As in the paper, α is fixed to the first r tried (α = 8), so the
+  scale α/r shrinks as r grows.
+
+* ``alpha_scaling``: why LoRA scales ``BA`` by α/r (lesson 5), on the planted low-rank task
+  of :func:`pedaPEFT.linalg.planted_update_task` (seconds on a CPU): the size of the update
+  a fixed learning rate makes after a few Adam steps, and the loss after a few steps as a
+  function of the learning rate, for several r, under α/r, α/√r (rsLoRA) and no scaling.
+
+``SCALES["small"]`` runs in seconds (the lessons and tests use it); ``SCALES["full"]`` is
+what ``python -m pedaPEFT experiment NAME --scale full`` runs to write the committed results
+in ``figures/data/`` that the figures plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pedaPEFT import adapters, data, gpt, linalg, lora, train
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "figures" / "data"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big an experiment is: optimiser steps, batch, training-set size, seeds."""
+
+    steps: int
+    batch_size: int
+    n_train: int
+    seeds: tuple[int, ...]
+    n_test: int = data.TEST_SIZE
+
+
+SCALES: dict[str, Scale] = {
+    "small": Scale(steps=30, batch_size=32, n_train=512, seeds=(0,), n_test=128),
+    "full": Scale(steps=300, batch_size=64, n_train=2048, seeds=(0, 1, 2)),
+}
+
+LR = {"full": 1e-3, "top": 2e-3, "feature": 2e-3, "adapter": 2e-3, "lora": 4e-3}
+"""Peak learning rate of each method (one setting each, not tuned per run)."""
+
+TABLE5 = (("q",), ("k",), ("v",), ("o",), ("q", "k"), ("q", "v"), ("q", "k", "v", "o"))
+TABLE6 = (("q",), ("q", "v"), ("q", "k", "v", "o"))
+RANKS = (1, 2, 4, 8, 64)
+LORA_ALPHA = 8
+BUDGET_RANK = 8  # table 5: r = BUDGET_RANK / (number of weight types)
+
+PREPARE: dict[str, Callable[..., nn.Module]] = {
+    **train.METHODS,
+    "adapter": adapters.prepare_adapters,
+    "lora": lora.prepare_lora,
+}
+
+
+def run(
+    method: str,
+    task: str,
+    seed: int,
+    scale: Scale,
+    options: dict | None = None,
+    base: str = "tiny",
+) -> dict[str, object]:
+    """Fine-tune a fresh copy of the pretrained base once; return counts and test accuracy."""
+    if method not in PREPARE:
+        raise ValueError(f"method must be one of {sorted(PREPARE)}, got {method!r}")
+    torch.manual_seed(seed)
+    model = gpt.load_pretrained(base)
+    block = model.config.block_size
+    train_set = data.task_data(task, "train", scale.n_train, block)
+    test_set = data.task_data(task, "test", scale.n_test, block)
+    model = PREPARE[method](model, **(options or {}))
+    trainable, total = lora.count_parameters(model)
+    config = train.TrainConfig(
+        steps=scale.steps,
+        batch_size=scale.batch_size,
+        lr=LR[method],
+        warmup_steps=max(1, scale.steps // 10),
+        weight_decay=0.0,
+        progress=False,
+    )
+    start = time.perf_counter()
+    train.train(model, lambda step: train_set.batch(step, scale.batch_size, seed=seed), config)
+    seconds = time.perf_counter() - start
+    return {
+        "method": method,
+        "options": options or {},
+        "seed": seed,
+        "trainable": trainable,
+        "total": total,
+        "accuracy": data.exact_match(model, test_set),
+        "seconds": round(seconds, 2),
+    }
+
+
+def adapter_settings() -> list[tuple[str, dict]]:
+    """Lesson 4's methods: full, top block, adapters of two sizes, LoRA on q and v."""
+    return [
+        ("full", {}),
+        ("top", {"n_blocks": 1}),
+        ("adapter", {"bottleneck": 4}),
+        ("adapter", {"bottleneck": 16}),
+        ("lora", {"r": 8, "alpha": LORA_ALPHA, "targets": ["q", "v"]}),
+    ]
+
+
+def lora_table_settings() -> list[tuple[str, dict]]:
+    """Tables 5 and 6 as (table, options) pairs; a setting in both is run once."""
+    settings: list[tuple[str, dict]] = []
+    for targets in TABLE5:
+        r = BUDGET_RANK // len(targets)
+        settings.append(("table5", {"r": r, "alpha": LORA_ALPHA, "targets": list(targets)}))
+    for targets in TABLE6:
+        for r in RANKS:
+            settings.append(("table6", {"r": r, "alpha": LORA_ALPHA, "targets": list(targets)}))
+    return settings
+
+
+def run_many(
+    settings: Iterable[tuple[str, str, dict]],
+    task: str,
+    scale: Scale,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, object]]:
+    """Run every (group, method, options) for every seed; identical runs are done once."""
+    rows: list[dict[str, object]] = []
+    done: dict[str, dict[str, object]] = {}
+    for group, method, options in settings:
+        for seed in scale.seeds:
+            key = json.dumps([method, options, seed], sort_keys=True)
+            if key not in done:
+                done[key] = run(method, task, seed, scale, options)
+                if log is not None:
+                    log(f"{method} {options} seed {seed}: accuracy {done[key]['accuracy']:.3f}")
+            rows.append({"group": group, **done[key]})
+    return rows
+
+
+def experiment(name: str, scale_name: str = "small", task: str | None = None, log=None) -> dict:
+    """Run experiment ``name`` (``"adapters"`` or ``"tables"``); returns a JSON-able dict."""
+    if scale_name not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale_name!r}")
+    scale = SCALES[scale_name]
+    if name == "adapters":
+        task = task or "shift"
+        settings = [("methods", method, options) for method, options in adapter_settings()]
+    elif name == "tables":
+        task = task or "shift"
+        settings = [(table, "lora", options) for table, options in lora_table_settings()]
+    else:
+        raise ValueError(f"name must be one of ['adapters', 'tables'], got {name!r}")
+    start = time.perf_counter()
+    rows = run_many(settings, task, scale, log)
+    return {
+        "experiment": name,
+        "task": task,
+        "scale": scale_name,
+        "config": asdict(scale),
+        "lr": LR,
+        "lora_alpha": LORA_ALPHA,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "distinct_runs": len(
+            {json.dumps([r["method"], r["options"], r["seed"]], sort_keys=True) for r in rows}
+        ),
+        "runs": rows,
+    }
+
+
+def summarize(rows: Iterable[dict], group: str | None = None) -> list[dict[str, object]]:
+    """Mean and sample standard deviation of accuracy over seeds, per (method, options).
+
+    Returns one dict per setting, in first-seen order, with ``mean``, ``std`` (0 for one seed),
+    ``n`` and the trainable count.
+    """
+    settings: dict[str, dict] = {}
+    for row in rows:
+        if group is not None and row["group"] != group:
+            continue
+        key = json.dumps([row["method"], row["options"]], sort_keys=True)
+        entry = settings.setdefault(
+            key,
+            {
+                "method": row["method"],
+                "options": row["options"],
+                "trainable": row["trainable"],
+                "total": row["total"],
+                "accuracies": [],
+            },
+        )
+        entry["accuracies"].append(row["accuracy"])
+    summary = []
+    for entry in settings.values():
+        accuracies = entry.pop("accuracies")
+        entry["mean"] = statistics.fmean(accuracies)
+        entry["std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        entry["n"] = len(accuracies)
+        summary.append(entry)
+    return summary
+
+
+def results_path(name: str) -> Path:
+    """``figures/data/lora_<name>.json``: where the full-scale results are committed."""
+    return DATA_DIR / f"lora_{name}.json"
+
+
+def write_results(results: dict, path: str | os.PathLike) -> Path:
+    """Write ``results`` as indented JSON atomically (temporary file, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(results, file, indent=1, sort_keys=True)
+            file.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def load_results(name: str) -> dict:
+    """The committed full-scale results of experiment ``name``."""
+    path = results_path(name)
+    if not path.exists():
+        raise ValueError(
+            f"no results for {name!r} at {path}; run python -m pedaPEFT experiment {name} "
+            "--scale full"
+        )
+    return json.loads(path.read_text())
+
+
+SCALING_RULES = ("alpha/r", "alpha/sqrt(r)", "none")
+"""How ``BA`` is scaled: α/r with α = 8 (LoRA), α/√r with α = 8 (rsLoRA), 1 (i.e. α = r)."""
+
+
+def _planted_lora_run(
+    task: linalg.PlantedUpdateTask, r: int, rule: str, lr: float, steps: int
+) -> tuple[float, float]:
+    """Train LoRA (A, B only) on the planted task with Adam; return (MSE, ‖ΔW‖_F)."""
+    X = torch.tensor(task.X, dtype=torch.float32)
+    Y = torch.tensor(task.Y, dtype=torch.float32)
+    torch.manual_seed(0)
+    base = nn.Linear(X.shape[1], Y.shape[1], bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor(task.W_before, dtype=torch.float32))
+    alpha = r if rule == "none" else LORA_ALPHA
+    layer = lora.LoRALinear(base, r, alpha, rslora=rule == "alpha/sqrt(r)")
+    optimizer = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=lr)
+    for _ in range(steps):
+        loss = (layer(X) - Y).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (layer(X) - Y).square().mean().item(), layer.delta_weight().norm().item()
+
+
+def alpha_scaling(
+    ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+    sweep_ranks: tuple[int, ...] = (1, 4, 16, 64),
+    lrs: tuple[float, ...] = tuple(float(v) for v in np.logspace(-4, -1, 7)),
+    norm_lr: float = 1e-3,
+    norm_steps: int = 10,
+    sweep_steps: int = 20,
+) -> dict[str, object]:
+    """Why α/r: update size at a fixed learning rate, and loss against learning rate.
+
+    The planted task is a 64×96 linear layer whose targets need a rank-4 change, 256 samples.
+    ``norms[rule][i]``: ‖ΔW‖_F after ``norm_steps`` Adam steps at ``norm_lr`` with rank
+    ``ranks[i]``.  ``losses[rule][r][j]``: MSE after ``sweep_steps`` steps at ``lrs[j]``
+    (rules ``alpha/r`` and ``none``).  At r = α = 8 all rules coincide.
+    """
+    task = linalg.planted_update_task(d_out=64, d_in=96, update_rank=4, n_samples=256, seed=0)
+    norms = {
+        rule: [_planted_lora_run(task, r, rule, norm_lr, norm_steps)[1] for r in ranks]
+        for rule in SCALING_RULES
+    }
+    losses = {
+        rule: {
+            str(r): [_planted_lora_run(task, r, rule, lr, sweep_steps)[0] for lr in lrs]
+            for r in sweep_ranks
+        }
+        for rule in ("alpha/r", "none")
+    }
+    return {
+        "ranks": list(ranks),
+        "sweep_ranks": list(sweep_ranks),
+        "lrs": list(lrs),
+        "norm_lr": norm_lr,
+        "norm_steps": norm_steps,
+        "sweep_steps": sweep_steps,
+        "norms": norms,
+        "losses": losses,
+    }

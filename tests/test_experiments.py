@@ -1,0 +1,81 @@
+"""The experiment definitions of lessons 4-5: budgets, summaries, result files."""
+
+import json
+
+import pytest
+
+from pedaPEFT import experiments, gpt, lora
+
+
+def test_table5_settings_share_one_budget():
+    config = gpt.GPTConfig.preset("tiny")
+    budgets = set()
+    for table, options in experiments.lora_table_settings():
+        if table != "table5":
+            continue
+        model = gpt.GPT(config)
+        lora.prepare_lora(model, **options)
+        budgets.add(lora.count_parameters(model)[0])
+    expected = experiments.BUDGET_RANK * config.n_layer * 2 * config.n_embd
+    assert budgets == {expected}
+
+
+def test_table6_covers_every_rank_and_target_set():
+    pairs = {
+        (tuple(o["targets"]), o["r"]) for t, o in experiments.lora_table_settings() if t == "table6"
+    }
+    assert pairs == {(t, r) for t in experiments.TABLE6 for r in experiments.RANKS}
+
+
+def test_summarize_mean_and_sample_std():
+    rows = [
+        {
+            "group": "g",
+            "method": "lora",
+            "options": {"r": 1},
+            "seed": s,
+            "trainable": 5,
+            "total": 50,
+            "accuracy": a,
+        }
+        for s, a in enumerate((0.5, 0.7, 0.9))
+    ]
+    rows.append(
+        {
+            "group": "h",
+            "method": "full",
+            "options": {},
+            "seed": 0,
+            "trainable": 50,
+            "total": 50,
+            "accuracy": 1.0,
+        }
+    )
+    (entry,) = experiments.summarize(rows, "g")
+    assert entry["n"] == 3 and entry["trainable"] == 5
+    assert entry["mean"] == pytest.approx(0.7)
+    assert entry["std"] == pytest.approx(0.2)
+    assert [e["method"] for e in experiments.summarize(rows)] == ["lora", "full"]
+
+
+def test_write_results_is_atomic_json(tmp_path):
+    path = experiments.write_results({"b": 1, "a": [1, 2]}, tmp_path / "x" / "r.json")
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="name must be one of"):
+        experiments.experiment("table7")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        experiments.experiment("tables", "huge")
+    with pytest.raises(ValueError, match="method must be one of"):
+        experiments.run("prefix", "shift", 0, experiments.SCALES["small"])
+
+
+def test_alpha_over_r_keeps_update_size_closer_than_no_scaling():
+    results = experiments.alpha_scaling(
+        ranks=(1, 16), sweep_ranks=(1,), lrs=(1e-3,), norm_steps=5, sweep_steps=1
+    )
+    growth = {rule: values[1] / values[0] for rule, values in results["norms"].items()}
+    assert growth["none"] > 2 * growth["alpha/r"]
