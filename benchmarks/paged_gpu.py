@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         rows.append(("pinned host -> device copy bandwidth",
                      f"{pinned_copy_bandwidth(device) / 1e9:.2f} GB/s", "", ""))
+        del half  # nothing of the timing rounds may stay alive while peaks are measured
         for arm in arms:
             arm.model = arm.optimizer = None
         gc.collect()
