@@ -44,6 +44,16 @@ def command_lessons(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_lora_experiment(args: argparse.Namespace) -> int:
+    from pedaPEFT import experiments
+
+    results = experiments.experiment(args.name, args.scale, args.task, log=print)
+    out = Path(args.out) if args.out else experiments.results_path(args.name)
+    experiments.write_results(results, out)
+    print(f"wrote {out} ({results['seconds']:.0f} s)")
+    return 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     status = command_env(args)
     if status:
@@ -77,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="only report drift between scripts and notebooks"
     )
     lessons.set_defaults(run=command_lessons)
+
+    lora_experiment = commands.add_parser(
+        "lora-experiment", help="fine-tuning sweeps of lessons 4-5 (adapters, LoRA tables 5-6)"
+    )
+    lora_experiment.add_argument("name", choices=["adapters", "tables"])
+    lora_experiment.add_argument("--scale", choices=["small", "full"], default="small")
+    lora_experiment.add_argument("--task", default=None, help="downstream task (default: shift)")
+    lora_experiment.add_argument(
+        "--out", default=None, help="output JSON (default: figures/data/lora_<name>.json)"
+    )
+    lora_experiment.set_defaults(run=command_lora_experiment)
     return parser
 
 
