@@ -290,3 +290,91 @@ def paged_spike_memory(demo=None) -> Figure:  # noqa: ANN001 (a paged.SpikeDemo 
     axes[0].legend(fontsize=8, loc="center right")
     figure.tight_layout()
     return figure
+
+
+# --- Lessons 6-8: quantization, NF4, double quantization -----------------------------------
+
+QUANT_BLOCKSIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+
+
+def normal_with_outliers(n: int = 2**20, outlier_every: int = 1000, seed: int = 0):
+    """N(0, 1) samples where every ``outlier_every``-th value (at random places) is scaled ×20."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=generator)
+    where = torch.randperm(n, generator=generator)[: n // outlier_every]
+    x[where] *= 20
+    return x
+
+
+@register("quant_error_vs_blocksize")
+def quant_error_vs_blocksize() -> Figure:
+    """Absmax int8 / int4 round-trip error against blocksize on normal data with outliers."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pedaPEFT import quant
+
+    x = normal_with_outliers()
+    sizes = [*QUANT_BLOCKSIZES, x.numel()]
+    figure, (error_ax, tradeoff_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for bits, colour in ((8, "C0"), (4, "C3")):
+        errors = []
+        for size in sizes:
+            q, scale = quant.blockwise_absmax_quantize(x, bits=bits, blocksize=size)
+            out = quant.blockwise_absmax_dequantize(q, scale, size)
+            errors.append(float((out - x).abs().mean()))
+        errors = np.array(errors)
+        error_ax.loglog(sizes, errors, "o-", color=colour, ms=4, label=f"int{bits} absmax")
+        total_bits = bits + 32 / np.array(sizes)
+        tradeoff_ax.semilogy(total_bits, errors, "o-", color=colour, ms=4, label=f"int{bits}")
+        for size, total, error in zip(sizes, total_bits, errors, strict=True):
+            if size in (16, 64, 1024):
+                tradeoff_ax.annotate(f"B={size}", (total, error), fontsize=7,
+                                     xytext=(4, 4), textcoords="offset points")
+    error_ax.axvline(x.numel(), color="k", ls=":", lw=1)
+    error_ax.text(x.numel(), error_ax.get_ylim()[0], " whole\n tensor", fontsize=7, va="bottom")
+    error_ax.set(xlabel="blocksize B (elements per absmax)", ylabel="mean |x - dequant(quant(x))|",
+                 title="one outlier per 1,000 values: smaller blocks, smaller error")
+    error_ax.title.set_fontsize(9)
+    error_ax.legend(fontsize=8)
+    tradeoff_ax.set(xlabel="bits per value (code + 32-bit absmax / B)", ylabel="mean abs error",
+                    title="the price: 32/B extra bits per value")
+    tradeoff_ax.title.set_fontsize(9)
+    tradeoff_ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+@register("nf4_levels_density")
+def nf4_levels_density() -> Figure:
+    """The 16 NF4 levels over the standard normal density, with FP4 and int4 for comparison."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy.stats import norm
+
+    from pedaPEFT import quant
+
+    top = norm.ppf(np.float32(quant.NF4_OFFSET))  # the normal quantile that NF4 maps to 1
+    u = np.linspace(-1.15, 1.15, 400)
+    figure, axes = plt.subplots(figsize=(9, 4.2))
+    axes.plot(u, norm.pdf(u * top), "k-", lw=1.5, label=f"N(0, 1) density, x = {top:.3f} u")
+    nf4 = quant.nf4_code().numpy()
+    midpoints = (nf4[:-1] + nf4[1:]) / 2
+    edges = np.concatenate([[-1.15], midpoints, [1.15]])
+    for i in range(16):
+        axes.axvspan(edges[i], edges[i + 1], color="C0" if i % 2 else "C9", alpha=0.12, lw=0)
+    rows = (("NF4", nf4, "C0", -0.05), ("FP4", quant.fp4_code().numpy(), "C1", -0.11),
+            ("int4", np.arange(-7, 8) / 7, "C2", -0.17))
+    for name, levels, colour, height in rows:
+        distinct = np.unique(levels)
+        axes.plot(distinct, np.full(len(distinct), height), "|", color=colour, ms=14, mew=2,
+                  label=f"{name}: {len(distinct)} distinct levels")
+    axes.vlines(nf4, 0, norm.pdf(nf4 * top), color="C0", lw=1)
+    axes.set(xlabel="normalised value u = x / absmax", ylabel="density", ylim=(-0.21, 0.45),
+             title="NF4 puts its levels where normal weights are dense (shaded: its 16 bins)")
+    axes.title.set_fontsize(9)
+    axes.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    return figure

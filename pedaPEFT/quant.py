@@ -604,6 +604,25 @@ def dequantize_4bit(state: QuantState) -> torch.Tensor:
     return out.to(state.dtype).reshape(state.shape)
 
 
+FAKE_QUANT_METHODS = ("nf4", "fp4", "int4", "int8")
+
+
+def fake_quantize(x: torch.Tensor, method: str = "nf4", blocksize: int = 64) -> torch.Tensor:
+    """Quantize and dequantize at once: what a weight looks like after a round trip.
+
+    ``"nf4"``/``"fp4"``: :func:`quantize_4bit` without double quantization; ``"int4"``/
+    ``"int8"``: :func:`blockwise_absmax_quantize` with 4 or 8 bits (15 or 255 levels). Every
+    method uses one float32 absmax per ``blocksize`` elements. Returns float32, shape of ``x``.
+    """
+    if method not in FAKE_QUANT_METHODS:
+        raise ValueError(f"method must be one of {FAKE_QUANT_METHODS}, got {method!r}")
+    if method in QUANT_TYPES:
+        state = quantize_4bit(x, quant_type=method, blocksize=blocksize, double_quant=False)
+        return dequantize_4bit(state).float()
+    q, scale = blockwise_absmax_quantize(x, bits=int(method[3:]), blocksize=blocksize)
+    return blockwise_absmax_dequantize(q, scale, blocksize)
+
+
 # --------------------------------------------------------------------------- bit accounting
 
 

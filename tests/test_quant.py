@@ -446,3 +446,18 @@ def test_cuda_matches_cpu_bit_for_bit(dtype, quant_type):
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
     assert torch.equal(quant.dequantize_4bit(gpu).cpu(), quant.dequantize_4bit(cpu))
     assert torch.equal(quant.dequantize_4bit(cpu.to("cuda")).cpu(), quant.dequantize_4bit(cpu))
+
+
+@pytest.mark.parametrize("method", quant.FAKE_QUANT_METHODS)
+def test_fake_quantize_matches_the_round_trips(method):
+    x = torch.randn(3, 100)
+    out = quant.fake_quantize(x, method)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    if method in quant.QUANT_TYPES:
+        state = quant.quantize_4bit(x, method, double_quant=False)
+        assert torch.equal(out, quant.dequantize_4bit(state))
+    else:
+        q, c = quant.blockwise_absmax_quantize(x, bits=int(method[3:]), blocksize=64)
+        assert torch.equal(out, quant.blockwise_absmax_dequantize(q, c, 64))
+    with pytest.raises(ValueError, match="method"):
+        quant.fake_quantize(x, "nf3")

@@ -1,0 +1,256 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 6 — Quantization basics: absmax, outliers, blocks
+#
+# LoRA (lesson 5) shrinks what we *train*, but the frozen base weights $W_0$ still sit in
+# memory at 16 or 32 bits each. QLoRA stores them in 4 bits. Before NF4 (lesson 7) and double
+# quantization (lesson 8), this lesson builds the simplest quantizer there is — **absmax
+# integer quantization** — finds its weak spot (one large value ruins a whole tensor), and
+# fixes it the way QLoRA does: **one scale per block** of 64 values.
+#
+# **You will learn:** the absmax formula (the lecture prints it with typos; here it is
+# corrected and checked), the round-trip error bound, what an outlier does, blockwise
+# quantization and its price in bits per parameter.
+
+# %%
+import matplotlib.pyplot as plt
+import torch
+
+import pedaPEFT
+from pedaPEFT import exercises, figures, quant
+from pedaPEFT.course import check_version, seed_everything
+
+check_version("0.1.0")
+seed_everything(0)
+print(f"pedaPEFT {pedaPEFT.__version__}")
+
+# %% [markdown]
+# ## 1. Why: bytes per parameter
+#
+# A parameter in float32 takes 4 bytes, in bfloat16 2, in int8 1 and in a 4-bit code half a
+# byte. The lecture motivates QLoRA with "LLaMA-3-70B with 32-bit precision requires 820 GB of
+# GPU memory". Let us count, for a nominal 70 billion parameters:
+
+# %%
+n_params = 70e9
+for name, bytes_per_param in (("float32", 4), ("bfloat16", 2), ("int8", 1), ("4-bit", 0.5)):
+    print(f"{name:>9}: {n_params * bytes_per_param / 1e9:6.0f} GB of weights")
+print(f"16-bit weights + grads + fp32 Adam states (12 B/param): {n_params * 12 / 1e9:.0f} GB")
+
+# %% [markdown]
+# > **Erratum.** 70B parameters in float32 are **280 GB** of weights, not 820 GB. A figure of
+# > that size is what *full fine-tuning* costs: 16-bit weights and gradients plus two float32
+# > Adam moments are 12 bytes per parameter, 840 GB for 70B (the QLoRA paper's ">780 GB" is the
+# > same count for a 65B model, lesson 8).
+#
+# ## 2. Absmax quantization, the formula corrected
+#
+# To store a float tensor $X$ in int8 we scale it so that its largest magnitude lands on 127,
+# round, and keep the scale. The lecture (after the QLoRA paper, Eq. 1–2) writes
+#
+# $$X^{\text{Int8}} = \text{round}\Big(\frac{127}{\text{absmax}(X^{\text{FP32}})},
+#   X^{\text{Int8}}\Big) = \text{round}(c^{\text{FP32}}, X^{\text{Int32}}),\qquad
+#   \text{dequant}(c^{\text{FP32}}, X^{\text{Int32}}) = \frac{X^{\text{Int8}}}{c^{\text{FP32}}}
+#   = X^{\text{Int32}}.$$
+#
+# > **Erratum.** Three typos: the comma should be a product, the input of the rounding is the
+# > float tensor (not $X^{\text{Int8}}$ or an "Int32" tensor), and dequantization returns an
+# > *approximation of the float tensor*. Correctly:
+#
+# $$c = \frac{127}{\max_i |X_i|},\qquad X^{\text{Int8}} = \text{round}(c \cdot X^{\text{FP32}})
+#   \in [-127, 127],\qquad \text{dequant}(c, X^{\text{Int8}}) = \frac{X^{\text{Int8}}}{c}
+#   \approx X^{\text{FP32}}.$$
+#
+# (The range is symmetric: $-128$ is never used, so that $0$ sits exactly in the middle and
+# $x \mapsto -x$ is exact.) By hand on a small vector:
+
+# %%
+x = torch.tensor([0.52, -1.30, 0.07, 2.57, -0.91, 0.0])
+c = 127 / x.abs().max()
+q = torch.round(c * x).to(torch.int8)
+x_back = q.float() / c
+print("c =", f"{float(c):.4f}", "| q =", q.tolist())
+print("dequantized:", [f"{v:.4f}" for v in x_back.tolist()])
+max_error = float((x_back - x).abs().max())
+print("max error:", f"{max_error:.5f}", "<= 1/(2c) =", f"{0.5 / float(c):.5f}")
+
+# %% [markdown]
+# Rounding moves each value by at most half a step, and one step is $1/c = \text{absmax}/127$,
+# so **every** element obeys $|x - \text{dequant}| \le \text{absmax} / 254$. The largest value
+# maps exactly to $\pm127$ and $0$ stays $0$. The package's `quant.absmax_quantize` is the same
+# function (any bit width $b$ uses $2^{b-1}-1$ in place of 127):
+
+# %%
+q_package, c_package = quant.absmax_quantize(x, bits=8)
+print("same codes:", torch.equal(q_package, q), "| same scale:", torch.equal(c_package, c))
+print("int4 codes:", quant.absmax_quantize(x, bits=4)[0].tolist(), "(scale 7 / absmax)")
+
+# %% [markdown]
+# ## 3. What one outlier does
+#
+# Trained weights are roughly normal with a small standard deviation (0.02 in GPT-2's
+# initialisation) — but large models also grow a few **outliers**, values many standard
+# deviations out. Absmax lets the single largest value set the step for everyone:
+
+# %%
+generator = torch.Generator().manual_seed(0)
+w = torch.randn(4096, generator=generator) * 0.02
+w_outlier = w.clone()
+w_outlier[1234] = 1.0  # one value 50 standard deviations out
+
+for name, tensor in (("normal weights", w), ("with one outlier", w_outlier)):
+    q, c = quant.absmax_quantize(tensor)
+    error = (quant.absmax_dequantize(q, c) - tensor).abs().mean()
+    print(
+        f"{name:>17}: step 1/c = {1 / float(c):.6f}, codes in use {q.unique().numel():3d} of 255, "
+        f"values rounded to 0: {int((q == 0).sum()):4d}, mean error {float(error):.6f}"
+    )
+
+# %% [markdown]
+# With the outlier the step grows twelvefold, from 0.0006 to 0.0079: a typical weight of size
+# 0.02 is now only two or three steps from zero, one weight in six becomes exactly 0 (661
+# instead of 59), only 22 of the 255 codes are still used, and the mean error grows twelvefold.
+# One number out of 4096 spoiled the other 4095.
+#
+# ## 4. Blockwise quantization: a scale per block
+#
+# The cure (lecture: "Block-wise provides a solution … each block using its own independent
+# quantization constant"): flatten the tensor, cut it into contiguous **blocks** of $B$ values
+# and give each block its own absmax. An outlier now coarsens only the 63 neighbours in its own
+# block of 64:
+
+# %%
+q_blocks, scales = quant.blockwise_absmax_quantize(w_outlier, bits=8, blocksize=64)
+back = quant.blockwise_absmax_dequantize(q_blocks, scales, blocksize=64)
+print("blocks:", scales.numel(), "| scales stored:", tuple(scales.shape))
+print("mean error, blockwise:", f"{float((back - w_outlier).abs().mean()):.6f}")
+print("block holding the outlier:", 1234 // 64, "| its step:", f"{1 / float(scales[19]):.6f}",
+      "| a typical block's step:", f"{1 / float(scales.median()):.6f}")
+
+# %% [markdown]
+# Blockwise, the error (0.000128) is even below that of the whole tensor *without* the
+# outlier (0.000162): a block's largest value is typically smaller than the whole tensor's,
+# so its step is finer (0.00042 against 0.00065).
+#
+# The price is the scales. Each block stores one float32 absmax (or scale), **32 bits per
+# block**, i.e. $32 / B$ extra bits per parameter: 0.5 bits for $B = 64$. For 8-bit codes that
+# is cheap (8.5 bits); for 4-bit codes it is 12.5 % on top (4.5 bits) — which is why lesson 8
+# quantizes the scales themselves.
+#
+# ## 5. Error against blocksize
+#
+# The figure measures the trade-off on a million normal values with one outlier (×20) per
+# thousand. Left: the mean round-trip error for int8 and int4 as the blocksize grows from 8 to
+# the whole tensor. Right: the same errors against the total bits per value, code plus $32/B$.
+
+# %%
+figure = figures.quant_error_vs_blocksize()
+plt.show()
+
+# %% [markdown]
+# Reading the figure: the error falls steadily as blocks shrink, because fewer values share a
+# block with an outlier. The bits, though, grow like $32/B$: nearly free down to a few hundred
+# values per block, expensive below 32. QLoRA's blocksize of 64 costs half a bit per value.
+# The numbers at three blocksizes:
+
+# %%
+x_demo = figures.normal_with_outliers()
+for bits in (8, 4):
+    for blocksize in (16, 64, x_demo.numel()):
+        q, scale = quant.blockwise_absmax_quantize(x_demo, bits=bits, blocksize=blocksize)
+        out = quant.blockwise_absmax_dequantize(q, scale, blocksize)
+        label = "whole tensor" if blocksize == x_demo.numel() else f"blocks of {blocksize}"
+        extra = 32 / blocksize
+        print(f"int{bits}, {label:>12}: mean error {float((out - x_demo).abs().mean()):.4f}, "
+              f"{bits + extra:.4f} bits per value")
+
+# %% [markdown]
+# ## Summary
+#
+# * Absmax: $c = (2^{b-1}-1)/\max|X|$, $q = \text{round}(cX)$, $\hat X = q/c$; error at most
+#   half a step, $\max|X| / (2(2^{b-1}-1))$ per element.
+# * One outlier inflates the step for the whole tensor.
+# * Blocks of $B$ values with their own absmax confine it, at $32/B$ extra bits per parameter
+#   (0.5 bits for $B = 64$).
+#
+# Lesson 7 replaces the evenly spaced integer levels with 16 levels placed where normally
+# distributed weights actually are: NF4.
+#
+# ## Exercises
+#
+# **Exercise 1.** Quantize `v` to int8 with the corrected absmax formula *by hand* (no
+# `quant` calls): store the codes in `q_v` (an int8 tensor) and the scale in `c_v`.
+
+# %%
+v = torch.tensor([0.3, -0.6, 1.2, -0.05])
+### BEGIN SOLUTION
+c_v = 127 / v.abs().max()
+q_v = torch.round(c_v * v).to(torch.int8)
+### END SOLUTION
+
+# %%
+exercises.check_array(
+    q_v,
+    expected=quant.absmax_quantize(v)[0],
+    name="q_v",
+    atol=0,
+    hint="c = 127 / max|v|; multiply (do not divide) v by c, then round to the nearest integer.",
+)
+exercises.check_number(c_v, float(quant.absmax_quantize(v)[1]), name="c_v", rtol=1e-6,
+                       hint="The scale maps the largest magnitude in v to 127.")
+
+# %% [markdown]
+# **Exercise 2.** Write `blockwise_error(x, blocksize)` that returns the mean absolute int8
+# round-trip error of `x` with one absmax per block of `blocksize` values (you may use
+# `quant.blockwise_absmax_quantize` and `quant.blockwise_absmax_dequantize`).
+
+
+# %%
+### BEGIN SOLUTION
+def blockwise_error(x, blocksize):
+    """Mean |x - dequant(quant(x))| for blockwise absmax int8 with the given blocksize."""
+    q, scale = quant.blockwise_absmax_quantize(x, bits=8, blocksize=blocksize)
+    return float((quant.blockwise_absmax_dequantize(q, scale, blocksize) - x).abs().mean())
+
+
+### END SOLUTION
+
+
+# %%
+def reference_blockwise_error(x, blocksize):
+    q, scale = quant.blockwise_absmax_quantize(x, bits=8, blocksize=blocksize)
+    return float((quant.blockwise_absmax_dequantize(q, scale, blocksize) - x).abs().mean())
+
+
+exercises.check_function(
+    blockwise_error,
+    cases=[((w_outlier, 64), reference_blockwise_error(w_outlier, 64)),
+           ((w_outlier, 256), reference_blockwise_error(w_outlier, 256))],
+    name="blockwise_error",
+    compare=lambda got, want: abs(float(got) - want) <= 1e-9,
+    hint="Quantize with bits=8 and the given blocksize, dequantize, then average |difference|.",
+)
+
+# %% [markdown]
+# **Exercise 3.** With float32 scales, how many extra bits per parameter does a blocksize of
+# 128 cost? Store it in `extra_bits_128`.
+
+# %%
+### BEGIN SOLUTION
+extra_bits_128 = 32 / 128
+### END SOLUTION
+
+# %%
+exercises.check_number(extra_bits_128, 0.25, name="extra_bits_128",
+                       hint="One 32-bit scale is shared by all the values of a block.")
