@@ -421,6 +421,8 @@ class PagedAdamW(torch.optim.Optimizer):
             steps += [state["step"] for _, state in resident]
             if steps:
                 torch._foreach_add_(steps, 1.0)
+            if paged:
+                self._prepare_paging()
             adamw_update(
                 [param for param, _ in resident],
                 [param.grad for param, _ in resident],
@@ -432,19 +434,25 @@ class PagedAdamW(torch.optim.Optimizer):
             self._step_paged(paged, hyper)
         return loss
 
-    def _step_paged(self, params: list[Tensor], hyper: dict[str, float]) -> None:
-        pages = list(self._pages(params))
-        if not pages:
-            return
+    def _prepare_paging(self) -> None:
+        """Allocate the page buffers once, and start the side stream after queued work.
+
+        Called before the resident update is queued, so that the first pages are copied in
+        while it runs. Freshly allocated buffers may reuse memory that kernels already queued
+        on the compute stream still touch, hence the wait.
+        """
         if self._staging is None:  # allocated on the compute stream, kept across steps
             self._staging = torch.empty(
                 self.stats.staging_bytes, dtype=torch.uint8, device=self.device
             )
-        # The side stream starts after the compute stream's queued work: the page buffers may
-        # reuse memory that queued kernels still touch when they were just allocated.
         compute_ready = self._record()
         with self._side():
             self._wait(compute_ready)
+
+    def _step_paged(self, params: list[Tensor], hyper: dict[str, float]) -> None:
+        pages = list(self._pages(params))
+        if not pages:
+            return
         loaded = self._page_in(pages[0], slot=0)
         for i, page in enumerate(pages):
             slot = i % 2
