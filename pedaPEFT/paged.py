@@ -370,10 +370,14 @@ class PagedAdamW(torch.optim.Optimizer):
     def _host_slice(self, page: _Page, key: str) -> Tensor:
         return self.state[page.param][key].view(-1)[page.start : page.stop]
 
+    def _copy(self, target: Tensor, source: Tensor) -> None:
+        """Copy on the current stream; between pinned host and device memory, asynchronously."""
+        target.copy_(source, non_blocking=True)
+
     def _page_in(self, page: _Page, slot: int) -> torch.cuda.Event | None:
         with self._side():
             for moment, key in enumerate(("exp_avg", "exp_avg_sq")):
-                self._slot(slot, moment, page).copy_(self._host_slice(page, key), non_blocking=True)
+                self._copy(self._slot(slot, moment, page), self._host_slice(page, key))
             loaded = self._record()
         self.stats.pages_in += 1
         self.stats.bytes_in += 2 * (page.stop - page.start) * page.param.element_size()
@@ -383,7 +387,7 @@ class PagedAdamW(torch.optim.Optimizer):
         with self._side():
             self._wait(computed)
             for moment, key in enumerate(("exp_avg", "exp_avg_sq")):
-                self._host_slice(page, key).copy_(self._slot(slot, moment, page), non_blocking=True)
+                self._copy(self._host_slice(page, key), self._slot(slot, moment, page))
         self.stats.pages_out += 1
         self.stats.bytes_out += 2 * (page.stop - page.start) * page.param.element_size()
 

@@ -433,3 +433,70 @@ def test_mixed_dtypes_share_the_page_buffers():
     assert optimizer.stats.resident_bytes == 0
     assert_same_parameters(reference, paged_model)
     assert optimizer.state[paged_model[0].weight]["exp_avg"].dtype == torch.bfloat16
+
+
+class LazySideStream(PagedAdamW):
+    """The CUDA path's stream protocol on a CPU, with a side stream as late as CUDA allows.
+
+    Compute runs at once; side-stream copies wait in a queue and run, in order, only when an
+    event recorded after them is waited on (or copies are waited for). A missing wait shows
+    up as stale pages, so as results that differ from torch's AdamW.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.queue, self.done, self.on_side, self.flushes = [], 0, False, 0
+        super().__init__(*args, **kwargs)
+
+    @property
+    def simulated(self):
+        return False
+
+    def _side(self):
+        optimizer = self
+
+        class Side:
+            def __enter__(self):
+                optimizer.on_side = True
+
+            def __exit__(self, *exc):
+                optimizer.on_side = False
+
+        return Side()
+
+    def _copy(self, target, source):
+        if self.on_side:
+            self.queue.append((target, source))
+        else:
+            target.copy_(source)
+
+    def _record(self):
+        return ("side", len(self.queue)) if self.on_side else ("compute", None)
+
+    def _flush(self, upto):
+        self.flushes += upto > self.done
+        for target, source in self.queue[self.done:upto]:
+            target.copy_(source)
+        self.done = max(self.done, upto)
+
+    def _wait(self, event):
+        if event is not None and event[0] == "side" and not self.on_side:
+            self._flush(event[1])
+
+    def _wait_for_copies(self):
+        self._flush(len(self.queue))
+
+
+def test_the_cuda_stream_protocol_is_race_free_with_a_lazy_side_stream():
+    reference, lazy = model(), model()
+    expected = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    optimizer = LazySideStream(lazy.parameters(), lr=1e-2, weight_decay=0.1,
+                               budget_bytes=total_state_bytes(lazy) // 3, page_bytes=64)
+    train(reference, expected, steps=4)
+    train(lazy, optimizer, steps=4)
+    assert optimizer.stats.pages_in > 100 and optimizer.done < len(optimizer.queue)
+    assert_same_parameters(reference, lazy)
+    saved = optimizer.state_dict()  # waits for the copies still queued
+    assert optimizer.done == len(optimizer.queue)
+    for index, param in enumerate(reference.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(expected.state[param][key], saved["state"][index][key])
