@@ -54,6 +54,57 @@ def command_lora_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_pretrain(args: argparse.Namespace) -> int:
+    import os
+    import time
+    from dataclasses import replace
+
+    from pedaPEFT import gpt, train
+
+    config = replace(train.PRETRAIN_CONFIG, progress=not args.no_progress)
+    if args.steps is not None:
+        config = replace(config, steps=args.steps)
+    start = time.perf_counter()
+    try:
+        model, info = train.pretrain_base(args.preset, config, args.seed, args.checkpoint,
+                                          args.resume)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = Path(args.out) if args.out else gpt.PRETRAINED_DIR
+        weights, _ = gpt.save_pretrained(model, info, out, args.preset)
+        print(f"final loss {info['final_loss']:.4f}")
+        for name, value in info["metrics"].items():
+            print(f"exact match {name}: {value:.3f}")
+        print(f"wrote {weights} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def command_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pedaPEFT import gpt, train
+
+    config = replace(train.FINETUNE_CONFIG, progress=not args.no_progress)
+    if args.steps is not None:
+        config = replace(config, steps=args.steps)
+    if args.lr is not None:
+        config = replace(config, lr=args.lr)
+    try:
+        model = gpt.load_pretrained(args.base)
+        result = train.finetune(model, args.task, args.method, config, n_train=args.n_train,
+                                checkpoint=args.checkpoint)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"task {result.task}, method {result.method}: trainable {result.trainable:,} of "
+          f"{result.total:,} parameters ({100 * result.trainable_fraction:.2f}%)")
+    print(f"exact match before {result.accuracy_before:.3f}, after {result.accuracy:.3f} "
+          f"({result.run.seconds:.0f} s)")
+    return 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     status = command_env(args)
     if status:
@@ -105,6 +156,37 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args)
 
+
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain a GPT preset on the synthetic mixture and save it as a base"
+    )
+    pretrain.add_argument("--preset", default="tiny", help="tiny (default), small or gpt2")
+    pretrain.add_argument("--steps", type=int, default=None,
+                          help="training steps (default: the recipe's)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--out", default=None,
+                          help="output folder (default: the package's weights/ folder)")
+    pretrain.add_argument("--checkpoint", default=None, help="checkpoint file to write")
+    pretrain.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pretrain.set_defaults(run=command_pretrain)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune the pretrained base on a downstream task and score it"
+    )
+    finetune.add_argument("--task", required=True,
+                          help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS)")
+    finetune.add_argument("--method", default="full",
+                          help="full (default), top or feature (pedaPEFT.train.METHODS)")
+    finetune.add_argument("--base", default="tiny", help="shipped base (default tiny)")
+    finetune.add_argument("--steps", type=int, default=None,
+                          help="training steps (default: train.FINETUNE_CONFIG's)")
+    finetune.add_argument("--lr", type=float, default=None,
+                          help="peak learning rate (default: train.FINETUNE_CONFIG's)")
+    finetune.add_argument("--n-train", type=int, default=2048, help="training examples")
+    finetune.add_argument("--checkpoint", default=None, help="checkpoint file to write")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    finetune.set_defaults(run=command_finetune)
 
 if __name__ == "__main__":
     sys.exit(main())

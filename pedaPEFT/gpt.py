@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -279,6 +280,29 @@ def load_pretrained(preset: str = "tiny") -> GPT:
     model = GPT(GPTConfig.from_dict(info["model_config"]))
     load_model(model, str(weights))
     return model.eval()
+
+
+def save_pretrained(model: GPT, info: dict, directory: str | Path = PRETRAINED_DIR,
+                    name: str = "tiny") -> tuple[Path, Path]:
+    """Write ``<name>.safetensors`` and ``<name>.json`` into ``directory``, each atomically."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, meta = directory / f"{name}.safetensors", directory / f"{name}.json"
+    info = {**info, "model_config": model.config.to_dict()}
+    for path, write in (
+        (weights, lambda tmp: save_model(model, str(tmp))),
+        (meta, lambda tmp: tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")),
+    ):
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return weights, meta
 
 
 def pretrained_info(preset: str = "tiny") -> dict:

@@ -90,7 +90,6 @@ def test_exact_match_counts_whole_answers():
     assert data.exact_match(Oracle(targets, 48), split) == pytest.approx(48 / 64)
 
 
-@pytest.mark.skipif(not gpt.pretrained_paths("tiny")[0].exists(), reason="base not built yet")
 def test_exact_match_equals_greedy_decoding():
     # The shipped base copies (pretraining task) but cannot shift: a mix of right and wrong rows.
     model = gpt.load_pretrained("tiny")

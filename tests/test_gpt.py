@@ -131,3 +131,25 @@ def test_bad_input_raises_clear_errors(call, match):
 def test_config_type_checked():
     with pytest.raises(TypeError, match="config must be a GPTConfig"):
         GPT({"n_layer": 2})
+
+
+def test_shipped_base_loads_and_matches_its_record():
+    model = gpt.load_pretrained("tiny")
+    info = gpt.pretrained_info("tiny")
+    assert model.config == GPTConfig.preset("tiny")
+    assert info["made_by"] == "python -m pedaPEFT pretrain --preset tiny"
+    assert not model.training
+    assert model.lm_head.weight is model.wte.weight  # the tie survives the file
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(small_config())
+    gpt.save_pretrained(model, {"note": "x"}, tmp_path, "mini")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mini.json", "mini.safetensors"]
+    from safetensors.torch import load_model
+
+    other = GPT(small_config())
+    load_model(other, str(tmp_path / "mini.safetensors"))
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
