@@ -48,6 +48,7 @@ def save_figure(figure: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(handle)
+    os.chmod(temporary, 0o644)
     try:
         figure.savefig(temporary, format="png", metadata={"Software": None})
         os.replace(temporary, path)
@@ -376,5 +377,80 @@ def nf4_levels_density() -> Figure:
              title="NF4 puts its levels where normal weights are dense (shaded: its 16 bins)")
     axes.title.set_fontsize(9)
     axes.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    return figure
+
+
+def four_bit_errors(weights: dict, blocksize: int = 64) -> dict:
+    """Relative RMS round-trip error (%) of NF4, FP4 and int4 on each named list of tensors."""
+    from pedaPEFT import quant
+
+    errors = {}
+    for name, tensors in weights.items():
+        errors[name] = {}
+        total = sum(float((t.float() ** 2).sum()) for t in tensors)
+        for method in ("nf4", "fp4", "int4"):
+            squared = sum(float(((quant.fake_quantize(t, method, blocksize) - t) ** 2).sum())
+                          for t in tensors)
+            errors[name][method] = 100 * (squared / total) ** 0.5
+    return errors
+
+
+def gpt_linear_weights(preset: str = "tiny") -> list:
+    """The weight matrices of every q, k, v, o, fc and proj layer of a shipped pretrained GPT."""
+    from pedaPEFT import gpt
+
+    model = gpt.load_pretrained(preset)
+    names = ("q", "k", "v", "o", "fc", "proj")
+    return [module.weight.detach() for name, module in model.named_modules()
+            if name.split(".")[-1] in names]
+
+
+@register("quant_4bit_error_comparison")
+def quant_4bit_error_comparison() -> Figure:
+    """NF4 vs FP4 vs int4 (blocksize 64) on normal data and on the tiny GPT's trained weights."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+    from scipy.stats import norm
+
+    trained = gpt_linear_weights("tiny")
+    normal = [torch.randn(2**18, generator=torch.Generator().manual_seed(0))]
+    errors = four_bit_errors({"N(0, 1) samples": normal, "tiny GPT, trained": trained})
+    figure, (hist_ax, bar_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    standardised = torch.cat([(w / w.std()).reshape(-1) for w in trained]).numpy()
+    hist_ax.hist(standardised, bins=120, range=(-6, 6), density=True, color="C7",
+                 label="trained weights / their std")
+    u = np.linspace(-6, 6, 300)
+    hist_ax.plot(u, norm.pdf(u), "k-", lw=1.5, label="N(0, 1)")
+    hist_ax.set_yscale("log")
+    hist_ax.set(xlabel="standardised weight", ylabel="density (log)", ylim=(1e-5, 1),
+                title="trained weights of the tiny GPT against a normal")
+    hist_ax.title.set_fontsize(9)
+    hist_ax.legend(fontsize=8)
+    width = 0.25
+    for i, method in enumerate(("nf4", "fp4", "int4")):
+        values = [errors[data][method] for data in errors]
+        bars = bar_ax.bar(np.arange(len(errors)) + (i - 1) * width, values, width,
+                          color=f"C{i}", label=method.upper() if method != "int4" else "int4")
+        bar_ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    bar_ax.set_xticks(np.arange(len(errors)), list(errors))
+    bar_ax.set(ylabel="relative RMS error (%)", title="4-bit round trip, blocksize 64")
+    bar_ax.title.set_fontsize(9)
+    bar_ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def qlora_demo(losses: list[float], accuracy_before: float, accuracy_after: float,
+               task: str) -> Figure:
+    """The demo's run: QLoRA training loss per step, and exact match before and after."""
+    figure = Figure(figsize=(8, 3.2))
+    loss_ax, acc_ax = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    loss_ax.plot(range(1, len(losses) + 1), losses, color="C0")
+    loss_ax.set(xlabel="step", ylabel="training loss", yscale="log",
+                title=f"QLoRA (NF4 + DQ, r = 8) on '{task}'")
+    acc_ax.bar(["base", "QLoRA"], [accuracy_before, accuracy_after], color=["C7", "C0"])
+    acc_ax.set(ylim=(0, 1), ylabel="exact match", title="test accuracy")
     figure.tight_layout()
     return figure

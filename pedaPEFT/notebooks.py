@@ -180,6 +180,7 @@ def write_notebook(notebook: nbformat.NotebookNode, path: Path) -> None:
     nbformat.validate(notebook)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".ipynb", dir=path.parent)
+    os.chmod(temporary, 0o644)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(nbformat.writes(notebook) + "\n")
