@@ -160,7 +160,9 @@ print("sliced update == whole update:",
 # %%
 def regression_steps(module, optimizer, steps=3):
     """A few full fine-tuning steps of `module` on fixed random tokens."""
-    tokens = torch.randint(48, (8, 17), generator=torch.Generator().manual_seed(1))
+    config = module.config
+    tokens = torch.randint(config.vocab_size, (8, config.block_size + 1),
+                           generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         logits = module(tokens[:, :-1])
@@ -291,7 +293,8 @@ plt.show()
 if torch.cuda.is_available():
     cuda_model = gpt.GPT(gpt.GPTConfig.preset("tiny")).cuda()
     cuda_optimizer = paged.PagedAdamW(cuda_model.parameters(), budget_bytes=state_bytes // 4)
-    tokens = torch.randint(48, (8, 17), device="cuda")
+    tokens = torch.randint(cuda_model.config.vocab_size,
+                           (8, cuda_model.config.block_size + 1), device="cuda")
     for _ in range(3):
         cuda_optimizer.zero_grad()
         logits = cuda_model(tokens[:, :-1])
