@@ -500,3 +500,18 @@ def test_the_cuda_stream_protocol_is_race_free_with_a_lazy_side_stream():
     for index, param in enumerate(reference.parameters()):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(expected.state[param][key], saved["state"][index][key])
+
+
+@settings(max_examples=15, deadline=None)
+@given(fractions=st.lists(st.floats(0.05, 1.2), min_size=2, max_size=5))
+def test_any_sequence_of_budgets_keeps_torch_adamw_under_the_stream_protocol(fractions):
+    reference, lazy = model(), model()
+    total = total_state_bytes(lazy)
+    expected = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    optimizer = LazySideStream(lazy.parameters(), lr=1e-2, budget_bytes=total)
+    for step, fraction in enumerate(fractions):
+        optimizer.set_budget(max(int(fraction * total), 4096))
+        assert optimizer.stats.device_bytes <= optimizer.stats.budget_bytes
+        train(reference, expected, steps=1, seed=step)
+        train(lazy, optimizer, steps=1, seed=step)
+    assert_same_parameters(reference, lazy)
