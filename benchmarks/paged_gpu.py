@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- model: GPT preset `{preset}` ({n_params:,} parameters, full fine-tuning), "
         f"batch {batch} x {config.block_size} tokens, bf16 autocast on CUDA",
         f"- optimizer states: {total_state / 2**30:.3f} GiB; {steps} timed rounds after "
-        f"{warmup} warm-up rounds, arms interleaved; medians of CUDA-event timings",
+        f"{warmup} warm-up rounds, arms interleaved; medians of per-step timings "
+        f"({'CUDA events' if device.type == 'cuda' else 'perf_counter'})",
         f"- command: `python benchmarks/paged_gpu.py {' '.join(argv or sys.argv[1:])}`",
         "",
         "| metric | measured | goal | verdict |",
