@@ -586,11 +586,18 @@ def _decode_4bit(packed: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     flat = packed.reshape(-1)
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    if flat.device.type == "cpu":
-        rows = table.numpy().view(np.complex128).reshape(-1)  # one 16-byte item per row
-        index = flat.contiguous().numpy().view(np.uint16)
-        return torch.from_numpy(np.take(rows, index, mode="clip").view(np.float32))
-    index = flat.contiguous().view(torch.int16).int() & 0xFFFF
+    flat = flat.contiguous()
+    return _gather_numpy(flat, table) if flat.device.type == "cpu" else _gather_torch(flat, table)
+
+
+def _gather_numpy(flat: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    rows = table.numpy().view(np.complex128).reshape(-1)  # one 16-byte item per table row
+    index = flat.numpy().view(np.uint16)
+    return torch.from_numpy(np.take(rows, index, mode="clip").view(np.float32))
+
+
+def _gather_torch(flat: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    index = flat.view(torch.int16).int() & 0xFFFF
     return torch.nn.functional.embedding(index, table).reshape(-1)
 
 

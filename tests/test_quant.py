@@ -461,3 +461,17 @@ def test_fake_quantize_matches_the_round_trips(method):
         assert torch.equal(out, quant.blockwise_absmax_dequantize(q, c, 64))
     with pytest.raises(ValueError, match="method"):
         quant.fake_quantize(x, "nf3")
+
+
+def test_cpu_and_device_decoders_agree():
+    # dequantize_4bit decodes with numpy on the CPU and with torch.embedding elsewhere.
+    packed = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+    for code in (quant.nf4_code(), quant.fp4_code()):
+        table = quant._two_byte_table(code.numpy().tobytes(), "cpu")
+        with_numpy, with_torch = (
+            quant._gather_numpy(packed, table),
+            quant._gather_torch(packed, table),
+        )
+        assert torch.equal(with_numpy, with_torch)
+        expected = code[quant.unpack_4bit(packed, 2000).long()]
+        assert torch.equal(with_numpy, expected)
