@@ -110,6 +110,13 @@ def _check_quant_type(quant_type: object) -> str:
 # --------------------------------------------------------------------------- absmax integers
 
 
+def _absmax_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``qmax / absmax``: 1 for an all-zero block, capped at the largest float32 (tiny absmax)."""
+    largest = torch.finfo(torch.float32).max
+    scale = (qmax / absmax.clamp(min=_TINY)).clamp(max=largest)
+    return torch.where(absmax > 0, scale, torch.ones_like(scale))
+
+
 def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmax quantization of a whole tensor to signed ``bits``-bit integers.
 
@@ -150,7 +157,7 @@ def blockwise_absmax_quantize(
     n_blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = padded.abs().amax(dim=1)
-    scale = torch.where(absmax > 0, qmax / absmax, torch.ones_like(absmax))
+    scale = _absmax_scale(absmax, qmax)
     q = torch.round(padded * scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
     return q.reshape(-1)[:n].reshape(x.shape), scale
 
@@ -215,7 +222,7 @@ def quantize_int8(w: torch.Tensor, blocksize: int | None = None) -> Int8State:
         rows = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - flat.numel()))
         rows = rows.view(n_blocks, blocksize)
     absmax = rows.abs().amax(dim=1)
-    scale = 127.0 / absmax.clamp(min=_TINY)
+    scale = _absmax_scale(absmax, 127)
     q = torch.round(rows * scale[:, None]).clamp_(-127, 127).to(torch.int8)
     q = q.reshape(-1)[: w.numel()].reshape(w.shape)
     return Int8State(q=q, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)

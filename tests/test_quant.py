@@ -475,3 +475,14 @@ def test_cpu_and_device_decoders_agree():
         assert torch.equal(with_numpy, with_torch)
         expected = code[quant.unpack_4bit(packed, 2000).long()]
         assert torch.equal(with_numpy, expected)
+
+
+def test_absmax_scales_stay_finite_for_tiny_and_zero_blocks():
+    x = torch.tensor([1e-40, -3e-41, 0.0, 0.0, 0.0, 0.0, 1e-3, -2e-3])
+    q, c = quant.blockwise_absmax_quantize(x, bits=8, blocksize=2)
+    assert bool(torch.isfinite(c).all()) and c[1] == 1.0
+    out = quant.blockwise_absmax_dequantize(q, c, 2)
+    assert bool(torch.isfinite(out).all()) and torch.equal(out[2:6], torch.zeros(4))
+    state = quant.quantize_int8(x.reshape(4, 2))
+    assert torch.equal(state.q[1:3], torch.zeros(2, 2, dtype=torch.int8))
+    assert bool(torch.isfinite(quant.dequantize_int8(state)).all())
