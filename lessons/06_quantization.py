@@ -52,7 +52,7 @@ print(f"16-bit weights + grads + fp32 Adam states (12 B/param): {n_params * 12 /
 # > **Erratum.** 70B parameters in float32 are **280 GB** of weights, not 820 GB. A figure of
 # > that size is what *full fine-tuning* costs: 16-bit weights and gradients plus two float32
 # > Adam moments are 12 bytes per parameter, 840 GB for 70B (the QLoRA paper's ">780 GB" is the
-# > same count for a 65B model, lesson 8).
+# > same count for a 65B model: 65 × 12 = 780).
 #
 # ## 2. Absmax quantization, the formula corrected
 #
