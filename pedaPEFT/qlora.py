@@ -27,6 +27,7 @@ with; pass ``torch.bfloat16`` explicitly to get them anyway). The chosen dtype i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -697,3 +698,190 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
             layer.lora_A.copy_(state[f"{name}.lora_A"])
             layer.lora_B.copy_(state[f"{name}.lora_B"])
     return list(layers)
+
+
+# --------------------------------------------------------------------------- fine-tuning method
+
+ALL_LINEAR = ("q", "k", "v", "o", "fc", "proj")
+
+
+def prepare_qlora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    targets: tuple[str, ...] = ALL_LINEAR,
+    dropout: float = 0.0,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Fine-tuning method ``"qlora"`` of ``train.finetune``: quantize ``targets``, add LoRA."""
+    config = lora.LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
+    quantize_model(model, config, quant_type, double_quant, compute_dtype)
+    return model
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer ``model`` stores (a tied tensor counted once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def base_bits_per_parameter(model: nn.Module) -> float:
+    """Stored bits per weight over all quantized base layers of ``model``."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise ValueError("model has no quantized layers")
+    weights = sum(m.in_features * m.out_features for m in layers)
+    return 8 * sum(m.weight_bytes() for m in layers) / weights
+
+
+def demo(task: str = "shift", out_dir: str | os.PathLike = "runs", progress: bool = True) -> dict:
+    """The course in one run: the shipped tiny GPT base, quantized to NF4 with double
+    quantization, fine-tuned with QLoRA (r = 8, α = 16, all linear layers) on ``task``.
+
+    Prints a table (trainable parameters and share, storage bits per weight, memory,
+    exact-match accuracy before and after), writes ``<out_dir>/qlora_demo.png`` and returns the
+    numbers. Uses the GPU when there is one (bf16 compute), float32 on a CPU.
+    """
+    from pedaPEFT import data, figures, gpt, memory, train
+
+    if task not in data.TASKS:
+        raise ValueError(f"task must be one of {sorted(data.TASKS)}, got {task!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = gpt.load_pretrained("tiny").to(device)
+    n_base = gpt.count_parameters(model.config)
+    dense_bytes = model_bytes(model)
+    config = dataclasses.replace(train.FINETUNE_CONFIG, progress=progress)
+    result = train.finetune(model, task, "qlora", config, method_options={"r": 8, "alpha": 16})
+    quant_bytes = model_bytes(model)
+    predicted = memory.finetune_memory(
+        n_base, "qlora", trainable=result.trainable, base_bits=base_bits_per_parameter(model)
+    )
+    compute_dtype = next(iter(qlora_layers(model).values())).compute_dtype
+    rows = [
+        ("device, compute dtype", f"{device.type}, {_dtype_name(compute_dtype)}"),
+        ("trainable parameters", f"{result.trainable:,} ({100 * result.trainable / n_base:.2f}% "
+                                 f"of {n_base:,})"),
+        ("storage of quantized weights", f"{base_bits_per_parameter(model):.3f} bits per weight"),
+        ("model memory, dense fp32 -> QLoRA", f"{dense_bytes / 2**20:.2f} MiB -> "
+                                              f"{quant_bytes / 2**20:.2f} MiB"),
+        ("training memory predicted (memory.py)", f"{predicted.total / 2**20:.2f} MiB without "
+                                                  "activations"),
+        (f"exact match on '{task}', before", f"{result.accuracy_before:.3f}"),
+        (f"exact match on '{task}', after QLoRA", f"{result.accuracy:.3f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = figures.qlora_demo(result.run.losses, result.accuracy_before, result.accuracy, task)
+    figure_path = out / "qlora_demo.png"
+    figures.save_figure(figure, figure_path)
+    print(f"wrote {figure_path}")
+    return {"rows": dict(rows), "result": result, "figure": figure_path}
+
+
+TABLE3_SETTINGS: tuple[tuple[str, str, dict], ...] = (
+    ("full fine-tuning (fp32)", "full", {}),
+    ("LoRA, fp32 base, all linear", "lora", {"r": 8, "alpha": 16, "targets": ALL_LINEAR}),
+    ("QLoRA int8, all linear", "qlora", {"quant_type": "int8"}),
+    ("QLoRA FP4, all linear", "qlora", {"quant_type": "fp4", "double_quant": False}),
+    ("QLoRA NF4 + DQ, all linear", "qlora", {"quant_type": "nf4"}),
+    ("LoRA, fp32 base, q and v", "lora", {"r": 8, "alpha": 16, "targets": ("q", "v")}),
+    ("QLoRA NF4 + DQ, q and v", "qlora", {"targets": ("q", "v")}),
+)
+"""The QLoRA paper's table 3 in miniature: (label, method, options); r = 8, α = 16."""
+
+TABLE3_LR = {"full": 1e-3, "lora": 4e-3, "qlora": 4e-3}
+"""Peak learning rates: ``experiments.LR``'s values, the same for LoRA and QLoRA."""
+
+
+def table3_run(label: str, method: str, options: dict, task: str, seed: int, scale) -> dict:
+    """Fine-tune a fresh copy of the shipped tiny base once; return counts and test accuracy.
+
+    ``scale`` is an ``experiments.Scale``. The seed sets LoRA's initialisation and the batch
+    order; the quantized base is the same for every seed (quantization is deterministic).
+    """
+    from pedaPEFT import data, gpt, train
+
+    torch.manual_seed(seed)
+    model = gpt.load_pretrained("tiny")
+    n_base = gpt.count_parameters(model.config)
+    dense_bytes = model_bytes(model)
+    block = model.config.block_size
+    train_set = data.task_data(task, "train", scale.n_train, block)
+    test_set = data.task_data(task, "test", scale.n_test, block)
+    prepare = {"full": train.prepare_full, "lora": lora.prepare_lora, "qlora": prepare_qlora}
+    model = prepare[method](model, **options)
+    trainable, _ = lora.count_parameters(model)
+    config = train.TrainConfig(
+        steps=scale.steps, batch_size=scale.batch_size, lr=TABLE3_LR[method],
+        warmup_steps=max(1, scale.steps // 10), weight_decay=0.0, progress=False,
+    )
+    train.train(model, lambda step: train_set.batch(step, scale.batch_size, seed=seed), config)
+    return {
+        "label": label, "method": method, "options": {k: list(v) if isinstance(v, tuple) else v
+                                                      for k, v in options.items()},
+        "seed": seed, "trainable": trainable, "base_parameters": n_base,
+        "model_bytes_before": dense_bytes, "model_bytes_after": model_bytes(model),
+        "accuracy": data.exact_match(model, test_set),
+    }
+
+
+def table3_experiment(scale_name: str = "small", task: str = "shift", log=None) -> dict:
+    """Every ``TABLE3_SETTINGS`` entry for every seed of ``experiments.SCALES[scale_name]``."""
+    from pedaPEFT import experiments
+
+    if scale_name not in experiments.SCALES:
+        raise ValueError(f"scale must be one of {sorted(experiments.SCALES)}, got {scale_name!r}")
+    scale = experiments.SCALES[scale_name]
+    rows = []
+    for label, method, options in TABLE3_SETTINGS:
+        for seed in scale.seeds:
+            rows.append(table3_run(label, method, options, task, seed, scale))
+            if log is not None:
+                log(f"{label}, seed {seed}: accuracy {rows[-1]['accuracy']:.3f}")
+    return {"experiment": "qlora_table3", "task": task, "scale": scale_name,
+            "config": dataclasses.asdict(scale), "lr": TABLE3_LR, "torch": torch.__version__,
+            "runs": rows}
+
+
+def table3_summary(results: dict) -> list[dict]:
+    """Mean and sample standard deviation of accuracy over seeds, per setting, in table order."""
+    import statistics
+
+    summary = []
+    for label, method, _ in TABLE3_SETTINGS:
+        runs = [r for r in results["runs"] if r["label"] == label]
+        if not runs:
+            continue
+        accuracies = [r["accuracy"] for r in runs]
+        summary.append({
+            "label": label, "method": method, "trainable": runs[0]["trainable"],
+            "base_parameters": runs[0]["base_parameters"],
+            "model_bytes_after": runs[0]["model_bytes_after"], "n": len(runs),
+            "mean": statistics.fmean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        })
+    return summary
+
+
+def table3_results_path() -> Path:
+    """``figures/data/qlora_table3.json``: the committed full-scale results."""
+    return Path(__file__).resolve().parent.parent / "figures" / "data" / "qlora_table3.json"
+
+
+def _register() -> None:
+    from pedaPEFT import train
+
+    train.register_method("qlora", prepare_qlora)
+
+
+_register()
