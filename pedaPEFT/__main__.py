@@ -84,8 +84,17 @@ def command_pretrain(args: argparse.Namespace) -> int:
 def command_finetune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pedaPEFT import gpt, train
+    from pedaPEFT import adapters, gpt, lora, train
 
+    train.register_method("lora", lora.prepare_lora)
+    train.register_method("adapter", adapters.prepare_adapters)
+    options = {}
+    if args.method == "lora":
+        targets = [name.strip() for name in args.targets.split(",") if name.strip()]
+        options = {"r": args.r, "alpha": args.alpha, "targets": targets,
+                   "dropout": args.lora_dropout}
+    elif args.method == "adapter":
+        options = {"bottleneck": args.bottleneck}
     config = replace(train.FINETUNE_CONFIG, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
@@ -94,7 +103,7 @@ def command_finetune(args: argparse.Namespace) -> int:
     try:
         model = gpt.load_pretrained(args.base)
         result = train.finetune(model, args.task, args.method, config, n_train=args.n_train,
-                                checkpoint=args.checkpoint)
+                                method_options=options, checkpoint=args.checkpoint)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -177,13 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     finetune.add_argument("--task", required=True,
                           help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS)")
     finetune.add_argument("--method", default="full",
-                          help="full (default), top or feature (pedaPEFT.train.METHODS)")
+                          help="full (default), top, feature, lora or adapter")
     finetune.add_argument("--base", default="tiny", help="shipped base (default tiny)")
     finetune.add_argument("--steps", type=int, default=None,
                           help="training steps (default: train.FINETUNE_CONFIG's)")
     finetune.add_argument("--lr", type=float, default=None,
                           help="peak learning rate (default: train.FINETUNE_CONFIG's)")
     finetune.add_argument("--n-train", type=int, default=2048, help="training examples")
+    finetune.add_argument("--r", type=int, default=8, help="LoRA rank (--method lora)")
+    finetune.add_argument("--alpha", type=float, default=16, help="LoRA alpha (--method lora)")
+    finetune.add_argument("--targets", default="q,v",
+                          help="LoRA target modules, comma-separated (--method lora)")
+    finetune.add_argument("--lora-dropout", type=float, default=0.0,
+                          help="dropout on the LoRA branch (--method lora)")
+    finetune.add_argument("--bottleneck", type=int, default=16,
+                          help="adapter bottleneck size (--method adapter)")
     finetune.add_argument("--checkpoint", default=None, help="checkpoint file to write")
     finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
     finetune.set_defaults(run=command_finetune)
