@@ -10,9 +10,9 @@ order of the training batches.
   their trainable share (lesson 4; the lecture's adapter slide).
 * ``tables``: the LoRA paper's tables 5 and 6 in miniature (lesson 5): which attention
   weights to adapt at an equal budget of ``8 · L · 2d`` trainable numbers (r = 8 for one
-  type, 4 for two, 2 for four), and which rank r ∈ {1, 2, 4, 8, 64} for W_q, {W_q, W_v} and
-  {W_q, W_k, W_v, W_o}.  As in the paper, α is fixed to the first r tried (α = 8), so the
-  scale α/r shrinks as r grows.
+  type, 4 for two, 2 for four), and which rank r ∈ {1, 2, 4, 8, 64} for {W_q, W_v} and
+  {W_q, W_k, W_v, W_o} (plus W_q alone at r = 64).  As in the paper, α is fixed to the
+  first r tried (α = 8), so the scale α/r shrinks as r grows.
 
 * ``alpha_scaling``: why LoRA scales ``BA`` by α/r (lesson 5), on the planted low-rank task
   of :func:`pedaPEFT.linalg.planted_update_task` (seconds on a CPU): the size of the update
@@ -26,6 +26,7 @@ in ``figures/data/`` that the figures plot.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -57,15 +58,17 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "small": Scale(steps=30, batch_size=32, n_train=512, seeds=(0,), n_test=128),
-    "full": Scale(steps=300, batch_size=64, n_train=2048, seeds=(0, 1, 2)),
+    "full": Scale(steps=100, batch_size=32, n_train=1024, seeds=(0, 1, 2)),
 }
 
-LR = {"full": 1e-3, "top": 2e-3, "feature": 2e-3, "adapter": 2e-3, "lora": 4e-3}
-"""Peak learning rate of each method (one setting each, not tuned per run)."""
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+"""Peak learning rates tried for each setting; the best on a validation split is used."""
+N_VALIDATION = 512
 
-TABLE5 = (("q",), ("k",), ("v",), ("o",), ("q", "k"), ("q", "v"), ("q", "k", "v", "o"))
-TABLE6 = (("q",), ("q", "v"), ("q", "k", "v", "o"))
+TABLE5 = (("q",), ("k",), ("v",), ("o",), ("q", "v"), ("q", "k", "v", "o"))
+TABLE6 = (("q", "v"), ("q", "k", "v", "o"))
 RANKS = (1, 2, 4, 8, 64)
+TABLE6_EXTRA = ((("q",), 64),)  # W_q alone: does a high rank rescue it?
 LORA_ALPHA = 8
 BUDGET_RANK = 8  # table 5: r = BUDGET_RANK / (number of weight types)
 
@@ -82,36 +85,56 @@ def run(
     seed: int,
     scale: Scale,
     options: dict | None = None,
+    lr: float = 3e-3,
+    validation: bool = False,
     base: str = "tiny",
 ) -> dict[str, object]:
-    """Fine-tune a fresh copy of the pretrained base once; return counts and test accuracy."""
+    """Fine-tune a fresh copy of the pretrained base once; return counts and accuracy.
+
+    Accuracy is measured on the test split, or with ``validation=True`` on ``N_VALIDATION``
+    further examples of the training stream that training never sees (for choosing ``lr``).
+    """
     if method not in PREPARE:
         raise ValueError(f"method must be one of {sorted(PREPARE)}, got {method!r}")
     torch.manual_seed(seed)
     model = gpt.load_pretrained(base)
     block = model.config.block_size
-    train_set = data.task_data(task, "train", scale.n_train, block)
-    test_set = data.task_data(task, "test", scale.n_test, block)
+    stream = data.task_data(task, "train", scale.n_train + N_VALIDATION, block)
+    train_set = data.TaskData(task, "train", stream.x[: scale.n_train], stream.y[: scale.n_train])
+    if validation:
+        test_set = data.TaskData(
+            task, "validation", stream.x[scale.n_train :], stream.y[scale.n_train :]
+        )
+    else:
+        test_set = data.task_data(task, "test", scale.n_test, block)
     model = PREPARE[method](model, **(options or {}))
     trainable, total = lora.count_parameters(model)
     config = train.TrainConfig(
         steps=scale.steps,
         batch_size=scale.batch_size,
-        lr=LR[method],
+        lr=lr,
         warmup_steps=max(1, scale.steps // 10),
         weight_decay=0.0,
+        eval_interval=max(1, scale.steps // 4),
         progress=False,
     )
     start = time.perf_counter()
-    train.train(model, lambda step: train_set.batch(step, scale.batch_size, seed=seed), config)
+    result = train.train(
+        model,
+        lambda step: train_set.batch(step, scale.batch_size, seed=seed),
+        config,
+        evaluate=lambda m: {"accuracy": data.exact_match(m, test_set)},
+    )
     seconds = time.perf_counter() - start
     return {
         "method": method,
         "options": options or {},
         "seed": seed,
+        "lr": lr,
         "trainable": trainable,
         "total": total,
-        "accuracy": data.exact_match(model, test_set),
+        "accuracy": result.evals[-1]["accuracy"],
+        "curve": [[e["step"], e["accuracy"]] for e in result.evals],
         "seconds": round(seconds, 2),
     }
 
@@ -136,23 +159,42 @@ def lora_table_settings() -> list[tuple[str, dict]]:
     for targets in TABLE6:
         for r in RANKS:
             settings.append(("table6", {"r": r, "alpha": LORA_ALPHA, "targets": list(targets)}))
+    for targets, r in TABLE6_EXTRA:
+        settings.append(("table6", {"r": r, "alpha": LORA_ALPHA, "targets": list(targets)}))
     return settings
+
+
+def choose_lr(
+    method: str, options: dict, task: str, scale: Scale, log: Callable[[str], None] | None = None
+) -> tuple[float, dict[str, float]]:
+    """The learning rate of ``LR_GRID`` with the best validation accuracy (seed 0).
+
+    Ties go to the smaller learning rate.  Returns ``(lr, {lr: validation accuracy})``.
+    """
+    scores = {}
+    for lr in LR_GRID:
+        scores[f"{lr:g}"] = run(method, task, 0, scale, options, lr=lr, validation=True)["accuracy"]
+        if log is not None:
+            log(f"  lr search {method} {options} lr {lr:g}: validation {scores[f'{lr:g}']:.3f}")
+    best = max(LR_GRID, key=lambda lr: (scores[f"{lr:g}"], -lr))
+    return best, scores
 
 
 def run_many(
     settings: Iterable[tuple[str, str, dict]],
     task: str,
     scale: Scale,
+    lrs: dict[str, float],
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, object]]:
-    """Run every (group, method, options) for every seed; identical runs are done once."""
+    """Run every (group, method, options) for every seed at ``lrs[method]``; once per run."""
     rows: list[dict[str, object]] = []
     done: dict[str, dict[str, object]] = {}
     for group, method, options in settings:
         for seed in scale.seeds:
             key = json.dumps([method, options, seed], sort_keys=True)
             if key not in done:
-                done[key] = run(method, task, seed, scale, options)
+                done[key] = run(method, task, seed, scale, options, lr=lrs[method])
                 if log is not None:
                     log(f"{method} {options} seed {seed}: accuracy {done[key]['accuracy']:.3f}")
             rows.append({"group": group, **done[key]})
@@ -160,33 +202,51 @@ def run_many(
 
 
 def experiment(name: str, scale_name: str = "small", task: str | None = None, log=None) -> dict:
-    """Run experiment ``name`` (``"adapters"`` or ``"tables"``); returns a JSON-able dict."""
+    """Run experiment ``name`` (``"adapters"`` or ``"tables"``); returns a JSON-able dict.
+
+    First one learning rate per method is chosen from ``LR_GRID`` on a validation split
+    (``adapters``: for each method at its first setting; ``tables``: for LoRA on
+    {W_q, W_v}, r = 4, and used for every table entry), then every setting runs with every
+    seed and is scored on the test split.
+    """
     if scale_name not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale_name!r}")
     scale = SCALES[scale_name]
+    task = task or "shift"
     if name == "adapters":
-        task = task or "shift"
         settings = [("methods", method, options) for method, options in adapter_settings()]
     elif name == "tables":
-        task = task or "shift"
         settings = [(table, "lora", options) for table, options in lora_table_settings()]
+        qv = {"r": BUDGET_RANK // 2, "alpha": LORA_ALPHA, "targets": ["q", "v"]}
+        settings.insert(0, ("lr search", "lora", qv))
     else:
         raise ValueError(f"name must be one of ['adapters', 'tables'], got {name!r}")
     start = time.perf_counter()
-    rows = run_many(settings, task, scale, log)
+    lrs: dict[str, float] = {}
+    searches: dict[str, dict[str, float]] = {}
+    for _, method, options in settings:
+        if method not in lrs:
+            lrs[method], searches[method] = choose_lr(method, options, task, scale, log)
+    if name == "tables":
+        settings = settings[1:]
+    rows = run_many(settings, task, scale, lrs, log)
+    weights, _ = gpt.pretrained_paths("tiny")
     return {
         "experiment": name,
         "task": task,
         "scale": scale_name,
         "config": asdict(scale),
-        "lr": LR,
+        "lr": lrs,
+        "lr_search": searches,
         "lora_alpha": LORA_ALPHA,
+        "base_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - start, 1),
         "distinct_runs": len(
             {json.dumps([r["method"], r["options"], r["seed"]], sort_keys=True) for r in rows}
-        ),
+        )
+        + len(LR_GRID) * len(lrs),
         "runs": rows,
     }
 
