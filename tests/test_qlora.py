@@ -337,3 +337,29 @@ def test_compiled_qlora_gpt_has_no_graph_break_and_same_gradients():
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name])
+
+
+# --------------------------------------------------------------------------- workbench
+
+
+def test_qlora_is_a_finetuning_method_and_table3_runs():
+    from pedaPEFT import experiments, train
+
+    assert train.METHODS["qlora"] is qlora.prepare_qlora
+    scale = experiments.Scale(steps=2, batch_size=8, n_train=32, seeds=(0,), n_test=16)
+    label, method, options = qlora.TABLE3_SETTINGS[2]  # int8 base
+    row = qlora.table3_run(label, method, options, "shift", 0, scale)
+    per_block = 4 * (64 + 64) + (64 + 256) + (256 + 64)  # r = 8 times (in + out) per layer
+    assert row["trainable"] == 8 * per_block * 4
+    assert row["model_bytes_after"] < row["model_bytes_before"]
+    assert 0.0 <= row["accuracy"] <= 1.0
+    summary = qlora.table3_summary({"runs": [row, {**row, "accuracy": 1.0}]})
+    assert summary[0]["n"] == 2 and summary[0]["mean"] == pytest.approx((row["accuracy"] + 1) / 2)
+
+
+def test_demo_prints_its_table_and_writes_the_figure(tmp_path, capsys):
+    out = qlora.demo("shift", out_dir=tmp_path, progress=False, steps=2)
+    printed = capsys.readouterr().out
+    for needle in ("trainable parameters", "bits per weight", "MiB", "before", "after QLoRA"):
+        assert needle in printed
+    assert out["figure"].exists() and out["figure"].stat().st_size > 1000
