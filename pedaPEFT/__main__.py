@@ -59,8 +59,11 @@ def command_pretrain(args: argparse.Namespace) -> int:
     import time
     from dataclasses import replace
 
+    import torch
+
     from pedaPEFT import gpt, train
 
+    torch.set_num_threads(args.threads)
     config = replace(train.PRETRAIN_CONFIG, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
@@ -84,6 +87,8 @@ def command_pretrain(args: argparse.Namespace) -> int:
 def command_finetune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    import torch
+
     from pedaPEFT import adapters, gpt, lora, train
 
     train.register_method("lora", lora.prepare_lora)
@@ -95,6 +100,7 @@ def command_finetune(args: argparse.Namespace) -> int:
                    "dropout": args.lora_dropout}
     elif args.method == "adapter":
         options = {"bottleneck": args.bottleneck}
+    torch.set_num_threads(args.threads)
     config = replace(train.FINETUNE_CONFIG, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     finetune.add_argument("--targets", default="q,v",
                           help="LoRA target modules, comma-separated (--method lora)")
     finetune.add_argument("--lora-dropout", type=float, default=0.0,
+    pretrain.add_argument("--threads", type=int, default=1,
+                          help="CPU threads per process (default 1: fastest for tiny models)")
                           help="dropout on the LoRA branch (--method lora)")
     finetune.add_argument("--bottleneck", type=int, default=16,
                           help="adapter bottleneck size (--method adapter)")
@@ -207,3 +215,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    finetune.add_argument("--threads", type=int, default=1,
+                          help="CPU threads (default 1: fastest for tiny models)")

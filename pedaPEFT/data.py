@@ -3,14 +3,14 @@
 Every example is one line ``<tag>:<input>=<answer>\\n`` over a fixed 41-character alphabet.
 The model reads the prompt ``<tag>:<input>=`` and must write the answer and the newline.
 
-* Pretraining mixture (``PRETRAIN_TASKS``): copying a string and continuing the alphabet.
-  The base learns to read a tag, to route characters through attention and the successor
-  map a -> b -> ... -> z -> a, but never sees a downstream tag.
-* Downstream tasks (``TASKS``): each asks for a skill the base lacks, so the pretrained base
-  scores near zero and fine-tuning methods differ in what they can learn:
-  ``shift`` (every letter to its successor: the base's copy routing is enough, the letter map
-  must change), ``reverse`` (the attention routing must change), ``swap`` (swap neighbours:
-  routing that alternates with position).
+* Pretraining mixture (``PRETRAIN_TASKS``): copying six letters (``c:abcdef=abcdef``) and
+  continuing the alphabet (``n:kl=mnopqr``). The base learns to read a tag, to route
+  characters through attention and the successor map a -> b -> ... -> z -> a.
+* Downstream tasks (``TASKS``): the copy prompt ``c:<six letters>=`` with a new answer. The
+  base confidently copies, so it scores zero, and what fine-tuning must change differs:
+  ``shift`` (every letter to its successor: the copy routing stays, only the letter map
+  changes), ``reverse`` (attention must look at other positions) and ``swap`` (swap
+  neighbours: routing that alternates with position).
 
 Exact-match accuracy counts an example correct when every answer character (and the
 closing newline) is the arg-max prediction given the gold prefix. For a prompt that is the
@@ -58,8 +58,9 @@ def _successor(c: str) -> str:
 
 
 def _continue_alphabet(s: str) -> str:
+    """The six letters that follow the input's last letter, wrapping z -> a."""
     out, c = [], s[-1]
-    for _ in range(len(s)):
+    for _ in range(6):
         c = _successor(c)
         out.append(c)
     return "".join(out)
@@ -95,14 +96,14 @@ class Task:
 
 PRETRAIN_TASKS: dict[str, Task] = {
     "copy": Task("copy", "c", lambda s: s, 6, 6, "repeat the input"),
-    "next": Task("next", "n", _continue_alphabet, 1, 6, "continue the alphabet after the input"),
+    "next": Task("next", "n", _continue_alphabet, 1, 6, "the six letters after the last one"),
 }
 
 TASKS: dict[str, Task] = {
-    "shift": Task("shift", "s", lambda s: "".join(map(_successor, s)), 6, 6,
+    "shift": Task("shift", "c", lambda s: "".join(map(_successor, s)), 6, 6,
                   "replace every letter by the next one (z -> a)"),
-    "reverse": Task("reverse", "r", lambda s: s[::-1], 6, 6, "write the input backwards"),
-    "swap": Task("swap", "w", _swap_pairs, 6, 6, "swap each pair of neighbouring letters"),
+    "reverse": Task("reverse", "c", lambda s: s[::-1], 6, 6, "write the input backwards"),
+    "swap": Task("swap", "c", _swap_pairs, 6, 6, "swap each pair of neighbouring letters"),
 }
 
 SPLIT_SEEDS = {"train": 1, "test": 2}

@@ -454,3 +454,41 @@ def qlora_demo(losses: list[float], accuracy_before: float, accuracy_after: floa
     acc_ax.set(ylim=(0, 1), ylabel="exact match", title="test accuracy")
     figure.tight_layout()
     return figure
+
+
+# --- Lesson 3: fine-tuning and its memory ------------------------------------------------------
+
+FINETUNE_MEMORY_SETTINGS = (  # label, finetune_memory keyword arguments for one parameter
+    ("fp32\nAdamW", dict(precision="fp32", optimizer="adamw")),
+    ("mixed\nAdamW", dict(precision="mixed", optimizer="adamw")),
+    ("mixed\n8-bit AdamW", dict(precision="mixed", optimizer="adamw8bit")),
+    ("bf16\nAdamW", dict(precision="bf16", optimizer="adamw")),
+    ("bf16\n8-bit AdamW", dict(precision="bf16", optimizer="adamw8bit")),
+)
+
+
+@register("finetune_memory_per_parameter")
+def finetune_memory_per_parameter() -> Figure:
+    """Bytes per parameter of full fine-tuning by component, from ``memory.finetune_memory``."""
+    from pedaPEFT import memory
+
+    figure = Figure(figsize=(8, 3.6))
+    ax = figure.subplots()
+    components = ("weights", "gradients", "optimizer")
+    bottoms = [0.0] * len(FINETUNE_MEMORY_SETTINGS)
+    for i, component in enumerate(components):
+        values = [memory.bytes_per_parameter(**kw)[component]
+                  for _, kw in FINETUNE_MEMORY_SETTINGS]
+        ax.bar(range(len(values)), values, 0.6, bottom=bottoms, color=f"C{i}",
+               label=component if component != "optimizer" else "optimizer (+ fp32 master)")
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    for x, total in enumerate(bottoms):
+        ax.text(x, total + 0.2, f"{total:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(bottoms)), [label for label, _ in FINETUNE_MEMORY_SETTINGS],
+                  fontsize=8)
+    ax.set(ylabel="bytes per parameter", ylim=(0, 18),
+           title="full fine-tuning: static memory per parameter (activations come on top)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

@@ -298,6 +298,7 @@ def save_pretrained(model: GPT, info: dict, directory: str | Path = PRETRAINED_D
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             write(tmp)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         finally:
             if tmp.exists():

@@ -195,6 +195,39 @@ def gpt_activation_bytes(config, batch_size: int, seq_len: int | None = None,
     raise ValueError(f"precision must be 'fp32' or 'amp', got {precision!r}")
 
 
+def gpt_step_peak_bytes(config, batch_size: int, seq_len: int | None = None,
+                        precision: str = "amp", optimizer: str = "adamw") -> dict[str, int]:
+    """Predicted peak memory of one full fine-tuning step of ``gpt.GPT`` (eager, no compile).
+
+    With gradients set to None between steps, the peak comes at the start of the backward
+    pass: weights and optimizer states, every saved activation, and two float32 (n, V)
+    gradients at once — of the log-probabilities and of the logits, 8 n V bytes — while the
+    weight gradients are not yet allocated. (The forward pass peaks lower, at 4 n V extra:
+    the float32 logits and their log-softmax; the end of backward holds all 4 N bytes of
+    gradients but few activations.) Precision ``"fp32"`` or ``"amp"``: float32 weights and
+    AdamW states either way.
+    """
+    from pedaPEFT.gpt import count_parameters
+
+    T = config.block_size if seq_len is None else seq_len
+    n_params = count_parameters(config)
+    # Parameter tensors: wte, wpe, (lm_head if untied), 16 per block (6 Linear weights and
+    # biases, 2 LayerNorms with two each), the final LayerNorm's two.
+    n_tensors = 2 + (0 if config.tie_embeddings else 1) + 16 * config.n_layer + 2
+    static = finetune_memory(n_params, precision="fp32", optimizer=optimizer,
+                             n_tensors=n_tensors)
+    activations = gpt_activation_bytes(config, batch_size, T, precision)
+    logits_grads = 8 * batch_size * T * config.vocab_size
+    parts = {
+        "weights": int(static.weights),
+        "optimizer": int(static.optimizer),
+        "activations": activations,
+        "logits_gradients": logits_grads,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def saved_tensor_bytes(step: Callable[[], torch.Tensor], model: nn.Module) -> int:
     """Measure the bytes autograd saves during ``step()`` (a forward that returns the loss).
 

@@ -22,7 +22,7 @@ def test_encode_decode_round_trip_and_alphabet():
         ("reverse", "abcdef", "fedcba"),
         ("swap", "abcdef", "badcfe"),
         ("copy", "qwerty", "qwerty"),
-        ("next", "wxy", "zab"),
+        ("next", "wxy", "zabcde"),
     ],
 )
 def test_task_answers(name, text, answer):

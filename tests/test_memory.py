@@ -79,3 +79,15 @@ def test_llama3_8b_parameter_count():
     # Meta lists Llama-3-8B at 8.03B parameters.
     n = memory.llama_parameter_count(**memory.LLAMA3_8B)
     assert round(n / 1e9, 2) == 8.03
+
+
+def test_step_peak_static_part_matches_the_model():
+    config = gpt.GPTConfig.preset("tiny")
+    with torch.device("meta"):
+        model = gpt.GPT(config)
+    params = list(model.parameters())
+    peak = memory.gpt_step_peak_bytes(config, 4, 16)
+    assert peak["weights"] == 4 * sum(p.numel() for p in params)
+    assert peak["optimizer"] == 8 * sum(p.numel() for p in params) + 4 * len(params)
+    assert peak["logits_gradients"] == 8 * 4 * 16 * config.vocab_size
+    assert peak["total"] == sum(v for k, v in peak.items() if k != "total")

@@ -1,12 +1,13 @@
 """Training loop: schedule, optimizer groups, checkpoints (atomic, safe, resumable), methods."""
 
+import dataclasses
 import fractions
 import math
 
 import pytest
 import torch
 
-from pedaPEFT import data, train
+from pedaPEFT import data, gpt, train
 from pedaPEFT.gpt import GPT, GPTConfig
 
 
@@ -193,3 +194,23 @@ def test_register_method_and_bad_arguments():
         train.make_optimizer(micro_model().requires_grad_(False), quiet())
     with pytest.raises(ValueError, match="n_blocks must be in"):
         train.prepare_top(micro_model(), n_blocks=3)
+
+
+def test_pretrain_recipe_reproduces_the_shipped_base():
+    info = gpt.pretrained_info("tiny")
+    recipe = {k: v for k, v in dataclasses.asdict(train.PRETRAIN_CONFIG).items()
+              if k != "progress"}
+    assert info["train_config"] == recipe
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the pretrain command runs it
+    try:
+        _, fresh = train.pretrain_base("tiny", train.PRETRAIN_CONFIG, seed=info["seed"])
+    finally:
+        torch.set_num_threads(threads)
+    # Bit-identical on the machine that made the file; elsewhere the floating-point sums of
+    # another CPU move the loss in its third digit.
+    assert fresh["final_loss"] == pytest.approx(info["final_loss"], rel=0.03)
+    for name, value in info["metrics"].items():
+        assert fresh["metrics"][name] == pytest.approx(value, abs=0.03), name
+    assert all(v == 1.0 for k, v in info["metrics"].items() if k.startswith("pretrain/"))
+    assert all(v < 0.2 for k, v in info["metrics"].items() if k.startswith("downstream/"))
