@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     pretrain.add_argument("--checkpoint", default=None, help="checkpoint file to write")
     pretrain.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pretrain.add_argument("--threads", type=int, default=1,
+                          help="CPU threads per process (default 1: fastest for tiny models)")
     pretrain.set_defaults(run=command_pretrain)
 
     finetune = commands.add_parser(
@@ -204,16 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     finetune.add_argument("--targets", default="q,v",
                           help="LoRA target modules, comma-separated (--method lora)")
     finetune.add_argument("--lora-dropout", type=float, default=0.0,
-    pretrain.add_argument("--threads", type=int, default=1,
-                          help="CPU threads per process (default 1: fastest for tiny models)")
                           help="dropout on the LoRA branch (--method lora)")
     finetune.add_argument("--bottleneck", type=int, default=16,
                           help="adapter bottleneck size (--method adapter)")
     finetune.add_argument("--checkpoint", default=None, help="checkpoint file to write")
     finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    finetune.add_argument("--threads", type=int, default=1,
+                          help="CPU threads (default 1: fastest for tiny models)")
     finetune.set_defaults(run=command_finetune)
 
 if __name__ == "__main__":
     sys.exit(main())
-    finetune.add_argument("--threads", type=int, default=1,
-                          help="CPU threads (default 1: fastest for tiny models)")
