@@ -742,7 +742,7 @@ def base_bits_per_parameter(model: nn.Module) -> float:
 
 
 def demo(task: str = "shift", out_dir: str | os.PathLike = "runs", progress: bool = True,
-         steps: int = 100) -> dict:
+         steps: int | None = None) -> dict:
     """The course in one run: the shipped tiny GPT base, quantized to NF4 with double
     quantization, fine-tuned with QLoRA (r = 8, α = 16, all linear layers) on ``task``.
 
@@ -759,8 +759,9 @@ def demo(task: str = "shift", out_dir: str | os.PathLike = "runs", progress: boo
     model = gpt.load_pretrained("tiny").to(device)
     n_base = gpt.count_parameters(model.config)
     dense_bytes = model_bytes(model)
-    # 100 steps: QLoRA learns 'shift' in well under that; about a minute on a laptop CPU.
-    config = dataclasses.replace(train.FINETUNE_CONFIG, steps=steps, progress=progress)
+    config = dataclasses.replace(train.FINETUNE_CONFIG, progress=progress)
+    if steps is not None:
+        config = dataclasses.replace(config, steps=steps)
     result = train.finetune(model, task, "qlora", config, method_options={"r": 8, "alpha": 16})
     quant_bytes = model_bytes(model)
     predicted = memory.finetune_memory(
@@ -837,27 +838,19 @@ def table3_run(label: str, method: str, options: dict, task: str, seed: int, sca
     }
 
 
-def table3_scales() -> dict:
-    """``"small"``: ``experiments.SCALES["small"]`` (seconds; CI). ``"full"``: three seeds of
-    100 steps of 64 examples, a budget at which ``reverse`` is learned but not yet perfectly
-    (at 300 steps every method that trains all linear layers reaches 100 %, and nothing can
-    be told apart)."""
+def table3_experiment(scale_name: str = "small", task: str = "reverse", log=None,
+                      settings: tuple[int, ...] | None = None) -> dict:
+    """``TABLE3_SETTINGS`` (all, or the entries numbered ``settings``) for every seed of
+    ``experiments.SCALES[scale_name]`` ("small": seconds, for CI; "full": 300 steps of 64
+    examples, three seeds)."""
     from pedaPEFT import experiments
 
-    return {
-        "small": experiments.SCALES["small"],
-        "full": experiments.Scale(steps=100, batch_size=64, n_train=2048, seeds=(0, 1, 2)),
-    }
-
-
-def table3_experiment(scale_name: str = "small", task: str = "reverse", log=None) -> dict:
-    """Every ``TABLE3_SETTINGS`` entry for every seed of ``table3_scales()[scale_name]``."""
-    scales = table3_scales()
-    if scale_name not in scales:
-        raise ValueError(f"scale must be one of {sorted(scales)}, got {scale_name!r}")
-    scale = scales[scale_name]
+    if scale_name not in experiments.SCALES:
+        raise ValueError(f"scale must be one of {sorted(experiments.SCALES)}, got {scale_name!r}")
+    scale = experiments.SCALES[scale_name]
+    chosen = range(len(TABLE3_SETTINGS)) if settings is None else settings
     rows = []
-    for label, method, options in TABLE3_SETTINGS:
+    for label, method, options in (TABLE3_SETTINGS[i] for i in chosen):
         for seed in scale.seeds:
             rows.append(table3_run(label, method, options, task, seed, scale))
             if log is not None:
