@@ -1,0 +1,371 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 3 — Fine-tuning and its memory
+#
+# A pretrained model knows general things; a downstream task wants something specific. The
+# lecture lists three classic ways to adapt a pretrained network, first seen with CNNs:
+#
+# 1. **full fine-tuning** — keep training *every* weight on the new task;
+# 2. **feature-based** — freeze the network, use its last hidden states as features, train only a
+#    new output layer on top;
+# 3. **top-layer fine-tuning** — freeze the bottom, train the last block(s) and the output layer.
+#
+# This lesson runs all three on a small GPT and measures what each can learn, then counts what
+# full fine-tuning costs in memory — the cost that parameter-efficient methods (lessons 4–9)
+# cut. Last, it recomputes the lecture's "fine-tuning LLaMA-3-8B takes 128 GB" slide, which
+# has one real mistake and a few loose ends.
+#
+# **You will learn:** what each method freezes and how many parameters it trains; why a frozen
+# body limits what can be learned; the bytes per parameter of weights, gradients and optimizer
+# states in fp32, mixed precision and with 8-bit Adam; how to check such accounting against the
+# real tensors.
+
+# %%
+import torch
+
+import pedaPEFT
+from pedaPEFT import data, exercises, figures, gpt, memory, train
+from pedaPEFT.course import check_version, seed_everything
+
+check_version("0.1.0")
+seed_everything(0)
+print(f"pedaPEFT {pedaPEFT.__version__}")
+
+# %% [markdown]
+# ## 1. The workbench: a tiny GPT and synthetic tasks
+#
+# `pedaPEFT.gpt` is a GPT-2-style decoder (pre-LayerNorm blocks, causal attention, weight-tied
+# output head). Its attention projections are four `nn.Linear` named `q`, `k`, `v`, `o` and its
+# MLP is `fc`, `proj`, so the LoRA lessons can name their targets like the papers do. The
+# parameter count has a closed form,
+#
+# $$N = Vd + Td + L\,(12d^2 + 13d) + 2d,$$
+#
+# (embeddings; per layer four $d \times d$ projections, the $d \to 4d \to d$ MLP, biases and two
+# LayerNorms; a final LayerNorm). We check it on every preset, including GPT-2 small.
+
+# %%
+for name in gpt.PRESETS:
+    config = gpt.GPTConfig.preset(name)
+    with torch.device("meta"):  # shapes only, no memory
+        real = sum(p.numel() for p in gpt.GPT(config).parameters())
+    print(f"{name:>5}: d={config.n_embd:4d} L={config.n_layer:2d} V={config.vocab_size:5d}  "
+          f"formula {gpt.count_parameters(config):>11,}  real {real:>11,}")
+
+# %% [markdown]
+# The lessons use the `tiny` preset's **pretrained base**, shipped with the package (made by
+# `python -m pedaPEFT pretrain --preset tiny`, about a minute on a laptop CPU). It was trained
+# on a mixture of two character-level jobs: copying a string (`c:abcdef=abcdef`) and continuing
+# the alphabet (`n:kl=mnopqr`). The downstream tasks keep the copy prompt but want a different
+# answer:
+#
+# | task | example | what must change |
+# |---|---|---|
+# | `shift` | `c:abcxyz=bcdyza` | the letter map (the copy routing can stay) |
+# | `reverse` | `c:abcdef=fedcba` | where attention looks |
+# | `swap` | `c:abcdef=badcfe` | where attention looks, alternating with position |
+#
+# A task is scored by **exact match**: an answer counts only if every character (and the final
+# newline) is the model's top prediction.
+
+# %%
+base = gpt.load_pretrained("tiny")
+info = gpt.pretrained_info("tiny")
+print("recipe:", info["made_by"], f"({info['train_config']['steps']} steps)")
+copy_prompt = torch.tensor([data.encode("c:pedaft=")])
+print("base on a copy prompt:", repr(data.decode(base.generate(copy_prompt, 7)[0])))
+for name in data.TASKS:
+    test_set = data.task_data(name, "test", data.TEST_SIZE)
+    print(f"base exact match on {name:>7}: {data.exact_match(base, test_set):.2f}")
+
+# %% [markdown]
+# The base copies perfectly, so it gets none of the downstream answers right (a reversal or a
+# swap could only match by chance, for palindromes or doubled letters). Fine-tuning has to
+# teach them.
+#
+# ## 2. Three methods, three sets of trainable parameters
+#
+# A *method* in `pedaPEFT.train` is a function that freezes, unfreezes or wraps parts of the
+# model in place; the same training loop then trains whatever is left trainable. The head is
+# tied to the token embedding, so the feature-based and top-layer methods first give the head
+# its own copy (`gpt.untie_head`); otherwise training the head would also change the frozen
+# embedding at the bottom.
+
+# %%
+counts = {}
+for method in ("full", "top", "feature"):
+    model = train.METHODS[method](gpt.load_pretrained("tiny"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    counts[method] = trainable
+    print(f"{method:>7}: {trainable:>7,} of {total:>7,} parameters train ({trainable / total:.1%})")
+
+# %% [markdown]
+# The totals differ because untying adds a $V \times d = 48 \times 64 = 3{,}072$-parameter head.
+# Check the counts by hand: the top block has $12d^2 + 13d = 49{,}984$ parameters, the final
+# LayerNorm $2d = 128$, the head $3{,}072$.
+
+# %%
+d, V = base.config.n_embd, base.config.vocab_size
+assert counts["top"] == (12 * d * d + 13 * d) + 2 * d + V * d
+assert counts["feature"] == V * d
+assert counts["full"] == gpt.count_parameters(base.config)
+
+# %% [markdown]
+# ## 3. Fine-tuning: what each method can learn
+#
+# Each run starts from a fresh copy of the base and trains for 200 steps of 64 examples
+# (AdamW, peak learning rate 3e-3, warm-up then cosine decay), on 2,048 training examples, and is
+# scored on 512 unseen test strings. (The package default is 300 steps, `python -m pedaPEFT
+# finetune --task shift --method full`; 200 are enough here.) On a 2-core laptop CPU a run takes
+# roughly 5–15 seconds, full fine-tuning the slowest since it computes every gradient.
+#
+# Accuracies vary slightly between machines (floating-point sums are not associative), so the
+# table's output is not compared by the notebook tests; the assertions below it are.
+#
+# The matrices of the tiny model are so small that splitting each product over several CPU
+# threads costs more than it gains: one thread is faster (several times faster on a busy
+# machine).
+
+# %%
+torch.set_num_threads(1)
+config = train.TrainConfig(steps=200, batch_size=64, lr=3e-3, warmup_steps=20,
+                           weight_decay=0.0, progress=False)
+results = {}
+for task in ("shift", "reverse"):
+    for method in ("full", "top", "feature"):
+        seed_everything(0)
+        run = train.finetune(gpt.load_pretrained("tiny"), task, method, config)
+        results[task, method] = run.accuracy
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"{'task':>8} {'full':>6} {'top':>6} {'feature':>8}")
+for task in ("shift", "reverse"):
+    row = [results[task, method] for method in ("full", "top", "feature")]
+    print(f"{task:>8} {row[0]:6.3f} {row[1]:6.3f} {row[2]:8.3f}")
+
+# %%
+assert min(results["shift", method] for method in ("full", "top", "feature")) >= 0.9
+assert results["reverse", "full"] >= 0.95
+assert results["reverse", "top"] < 0.2 and results["reverse", "feature"] < 0.2
+print("every method learns the letter map; only full fine-tuning learns to reverse")
+
+# %% [markdown]
+# What happened:
+#
+# * **shift** keeps the base's copy routing and changes only which letter comes out. At every
+#   answer position the frozen network already holds "the letter to copy" in its last hidden
+#   state — that is what its head reads to copy — so a new head that maps each letter to the
+#   next one is all it takes: even the feature-based method, training 1.5% of the parameters,
+#   learns it.
+# * **reverse** needs attention to look at *different positions*. Every layer's attention is
+#   frozen under the feature-based method, and the top block alone cannot rebuild the routing
+#   the lower blocks feed it: both score zero. Only full fine-tuning learns it. (`swap` behaves
+#   the same way: `python -m pedaPEFT finetune --task swap --method top`.)
+#
+# So freezing is not free: the more is frozen, the fewer tasks can be learned. Full
+# fine-tuning learns everything here — and that is its cost: every weight needs a gradient and
+# optimizer state. The rest of the course is about getting full fine-tuning's accuracy while
+# training few parameters (adapters, LoRA) and storing the frozen rest in fewer bits (QLoRA).
+#
+# ## 4. What full fine-tuning costs: bytes per parameter
+#
+# Training with Adam keeps, per trainable parameter,
+#
+# * the **weight** itself;
+# * its **gradient**;
+# * the **optimizer state**: Adam's two moving averages $m$ and $v$ — and, in mixed precision,
+#   a float32 *master copy* of the weight, since 16-bit weights cannot absorb tiny updates.
+#
+# Activations saved for the backward pass come on top; they grow with batch and sequence
+# length, not with the parameter count. `memory.finetune_memory` does the accounting:
+
+# %%
+settings = [("fp32", "adamw"), ("mixed", "adamw"), ("mixed", "adamw8bit"), ("bf16", "adamw"),
+            ("bf16", "adamw8bit")]
+print(f"{'precision':>9} {'optimizer':>10} {'weights':>8} {'grads':>6} {'optim':>6} {'total':>6}")
+for precision, optimizer in settings:
+    b = memory.bytes_per_parameter(precision=precision, optimizer=optimizer)
+    print(f"{precision:>9} {optimizer:>10} {b['weights']:8.2f} {b['gradients']:6.2f} "
+          f"{b['optimizer']:6.2f} {b['total']:6.2f}")
+
+# %% [markdown]
+# * **fp32 + AdamW**: 4 + 4 + (4 + 4) = 16 bytes.
+# * **Mixed precision + AdamW** (16-bit weights and gradients, float32 master copy and moments,
+#   the accounting of the ZeRO paper): 2 + 2 + (4 + 4 + 4) = **16** bytes. Mixed precision
+#   saves compute and activation memory, not static memory.
+# * **8-bit AdamW** (bitsandbytes) stores each moment in one byte plus a float32 scale per
+#   block of 256 values: 2 + 8/256 = 2.03 bytes instead of 8, so mixed precision with 8-bit
+#   AdamW needs 2 + 2 + (4 + 2.03) = **10.03** bytes.
+# * Pure bf16 training (no master copy) needs 8 bytes, or 6.03 with 8-bit states.
+
+# %%
+plot = figures.finetune_memory_per_parameter()
+plot
+
+# %% [markdown]
+# ### Checking the accounting against real tensors
+#
+# Accounting is only useful if it is right. Train the tiny GPT for one step and add up the bytes
+# of the real parameter, gradient and optimizer-state tensors. PyTorch's AdamW also keeps a
+# step counter per parameter tensor (a 4-byte float), which `n_tensors` accounts for.
+
+# %%
+seed_everything(0)
+model = gpt.GPT(gpt.GPTConfig.preset("tiny"))
+optimizer = train.make_optimizer(model, config)
+x, y = data.pretrain_batch(0, 8)
+loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+loss.backward()
+optimizer.step()
+measured = memory.measured_static_memory(model, optimizer)
+n = sum(p.numel() for p in model.parameters())
+predicted = memory.finetune_memory(n, precision="fp32", n_tensors=len(list(model.parameters())))
+for part in ("weights", "gradients", "optimizer"):
+    print(f"{part:>9}: predicted {getattr(predicted, part):>9,.0f} B, "
+          f"measured {getattr(measured, part):>9,.0f} B")
+assert measured.as_dict() == predicted.as_dict()
+
+# %% [markdown]
+# Exact to the byte. The activation memory is checked the same way in the tests
+# (`memory.gpt_activation_bytes` against what autograd really saves).
+#
+# ## 5. The lecture's LLaMA-3-8B arithmetic, recomputed
+#
+# The lecture's slide "Naively Fine-Tuning LLaMA3-8B takes 128GB of RAM!" says:
+#
+# 1. loaded in float32 (4 bytes/parameter) the 8B model needs $8 \times 4 = 32$ GB;
+# 2. full fine-tuning "with the regular 8bit Adam optimizer using a half-precision model" needs
+#    "2 bytes for the weight, 2 bytes for the gradient, and 12 bytes for the Adam optimizer
+#    states", 16 bytes per parameter, "over 120GB of GPU memory";
+# 3. this "would require at least 3 A40s with 48GB".
+#
+# First the parameter count, from Llama-3-8B's published shape (vocabulary 128,256, width 4,096,
+# 32 layers, 32 query heads and 8 key/value heads, MLP width 14,336, untied head).
+
+# %%
+n_llama = memory.llama_parameter_count(**memory.LLAMA3_8B)
+print(f"Llama-3-8B parameters: {n_llama:,}")
+load_fp32 = memory.finetune_memory(n_llama, precision="fp32").weights
+print(f"fp32 weights: {load_fp32 / memory.GB:.1f} GB = {load_fp32 / memory.GiB:.1f} GiB")
+
+# %% [markdown]
+# Claim 1 holds: 32.1 GB (decimal gigabytes; 29.9 GiB) — "8 billion" is 8.03 billion.
+#
+# Claim 2: the breakdown 2 + 2 + 12 is the mixed-precision accounting with **regular 32-bit**
+# Adam (float32 master copy 4 + $m$ 4 + $v$ 4 = 12). 8-bit Adam keeps its two moments in 2.03
+# bytes, so with the 8-bit optimizer the slide names the total is 10.03 bytes per parameter.
+
+# %%
+for optimizer in ("adamw", "adamw8bit"):
+    m = memory.finetune_memory(n_llama, precision="mixed", optimizer=optimizer)
+    print(f"mixed precision + {optimizer:>9}: {m.optimizer / n_llama:5.2f} B/param of optimizer "
+          f"state, {m.total / n_llama:5.2f} B/param, {m.total / memory.GB:6.1f} GB "
+          f"({m.total / memory.GiB:6.1f} GiB)")
+
+# %% [markdown]
+# With 16 bytes per parameter the total is 128.5 GB (119.7 GiB): "over 120 GB" is true in
+# decimal gigabytes but not in GiB, which is how GPU memory is usually quoted — the title's
+# "128GB" is the accurate figure, and it is GPU memory, not RAM. Both leave out activations,
+# which come on top and depend on batch size and sequence length.
+#
+# Claim 3: how many 48 GB A40s?
+
+# %%
+a40 = 48 * memory.GB
+for optimizer in ("adamw", "adamw8bit"):
+    static = memory.finetune_memory(n_llama, precision="mixed", optimizer=optimizer).static
+    n_gpus = -(-static // a40)  # ceiling division
+    spare = (n_gpus * a40 - static) / n_gpus
+    print(f"{optimizer:>9}: {static / a40:.2f} A40s of static state -> {n_gpus:.0f} GPUs, "
+          f"{spare / memory.GB:.1f} GB left per GPU for activations")
+
+# %% [markdown]
+# Three A40s hold the 16-byte state only if weights, gradients and optimizer states are
+# **sharded** across the GPUs (ZeRO-3 / FSDP), leaving about 5 GB per GPU for activations and
+# the CUDA context. Plain data parallelism keeps a full copy on every GPU: 128.5 GB does not fit
+# on any number of 48 GB cards. With the 8-bit Adam the slide names, two A40s would do
+# (80.6 GB of state, 7.7 GB left on each).
+#
+# **Errata for this slide**
+#
+# * "regular 8bit Adam … 12 bytes for the Adam optimizer states": 12 bytes is **32-bit** Adam
+#   in mixed precision (float32 master copy + $m$ + $v$). 8-bit Adam needs 2.03 bytes for its
+#   states (+ 4 for the master copy): 10.03 bytes per parameter, 80.6 GB.
+# * "16 bytes per trainable parameter … over 120GB": 16 × 8.03 billion = 128.5 GB (119.7 GiB),
+#   and that is weights, gradients and optimizer states only; activations come on top.
+# * "at least 3 A40s with 48GB": three only with the states sharded (ZeRO-3 / FSDP), leaving
+#   about 5 GB per GPU for activations; two with 8-bit Adam.
+# * "takes 128GB of RAM": GPU memory, and only its static part.
+#
+# ## Exercises
+
+# %% [markdown]
+# **Exercise 1.** How many parameters train if the top-layer method unfreezes the **two** top
+# blocks of the tiny GPT (plus the final LayerNorm and the untied head)? Store the count in
+# `top2_trainable`, by computing it (the package can help: `train.prepare_top(model, n_blocks=2)`).
+
+# %%
+### BEGIN SOLUTION
+top2 = train.prepare_top(gpt.load_pretrained("tiny"), n_blocks=2)
+top2_trainable = sum(p.numel() for p in top2.parameters() if p.requires_grad)
+### END SOLUTION
+
+# %%
+exercises.check_integer(
+    top2_trainable,
+    expected=2 * (12 * d * d + 13 * d) + 2 * d + V * d,
+    name="top2_trainable",
+    hint="Two blocks of 12 d^2 + 13 d, the final LayerNorm (2 d) and the head (V d).",
+)
+
+# %% [markdown]
+# **Exercise 2.** Pure bf16 training (no float32 master copy) with 8-bit AdamW: how many bytes
+# per parameter does full fine-tuning of Llama-3-8B need, in total? Store the number in
+# `bf16_8bit_bytes_per_param`.
+
+# %%
+### BEGIN SOLUTION
+bf16_8bit_bytes_per_param = memory.bytes_per_parameter(precision="bf16",
+                                                       optimizer="adamw8bit")["total"]
+### END SOLUTION
+
+# %%
+exercises.check_number(
+    bf16_8bit_bytes_per_param,
+    expected=2 + 2 + 2 + 8 / 256,
+    name="bf16_8bit_bytes_per_param",
+    rtol=1e-9,
+    hint="Weight and gradient in bf16; two one-byte moments plus a float32 scale per 256 values "
+         "for each.",
+)
+
+# %% [markdown]
+# **Exercise 3.** With sharded states and 16 bytes per parameter, what is the smallest number
+# of 80 GB GPUs that hold Llama-3-8B's weights, gradients and optimizer states? Store it in
+# `n_80gb_gpus` (an integer; use decimal gigabytes, as GPU datasheets do).
+
+# %%
+### BEGIN SOLUTION
+n_80gb_gpus = -(-16 * n_llama // (80 * 10**9))
+### END SOLUTION
+
+# %%
+exercises.check_integer(
+    n_80gb_gpus,
+    expected=int(-(-memory.finetune_memory(n_llama, precision="mixed").static // (80 * memory.GB))),
+    name="n_80gb_gpus",
+    hint="Divide the static bytes by 80e9 and round up.",
+)
