@@ -122,7 +122,9 @@ def run_worker(args: argparse.Namespace, n_processes: int) -> dict:
         if n_processes > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone",
                          f"--nproc_per_node={n_processes}"]
-        env = dict(os.environ)
+        # NVLink multicast (NVLS) stays off: DDP's all-reduce does not need it.
+        env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+               "NVSHMEM_DISABLE_NVLS": "1"}
         if args.smoke:
             env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         subprocess.run([*launcher, str(Path(__file__).resolve()), *forwarded], check=True,
