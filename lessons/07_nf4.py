@@ -182,8 +182,8 @@ figure = figures.quant_4bit_error_comparison()
 plt.show()
 
 # %% [markdown]
-# NF4 has the smallest error on both: 9.21 % on normal samples, 9.28 % on the trained
-# weights. The left panel shows why it carries over: standardised, the trained weights are
+# NF4 has the smallest error on both: 9.21 % on normal samples and nearly the same on the
+# trained weights. The left panel shows why it carries over: standardised, the trained weights are
 # close to normal in the bulk, which is what NF4 is built for; their tails are heavier (values
 # beyond 4 standard deviations are far more common than for a normal), and that costs every
 # format a little.
