@@ -49,7 +49,6 @@ from functools import cache, lru_cache
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -247,6 +246,8 @@ def dequantize_int8(state: Int8State) -> torch.Tensor:
 
 @cache
 def _nf4_code_cached() -> torch.Tensor:
+    from scipy.stats import norm  # imported here: scipy.stats is slow to import
+
     # Probabilities are float32, exactly as bitsandbytes computes them with torch.linspace.
     p_pos = torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].numpy()
     p_neg = torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].numpy()
