@@ -58,7 +58,7 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "small": Scale(steps=30, batch_size=32, n_train=512, seeds=(0,), n_test=128),
-    "full": Scale(steps=100, batch_size=32, n_train=1024, seeds=(0, 1, 2)),
+    "full": Scale(steps=300, batch_size=32, n_train=1024, seeds=(0, 1, 2)),
 }
 
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -230,7 +230,6 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
     if name == "tables":
         settings = settings[1:]
     rows = run_many(settings, task, scale, lrs, log)
-    weights, _ = gpt.pretrained_paths("tiny")
     return {
         "experiment": name,
         "task": task,
@@ -239,7 +238,7 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
         "lr": lrs,
         "lr_search": searches,
         "lora_alpha": LORA_ALPHA,
-        "base_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "base_sha256": base_sha256(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - start, 1),
@@ -249,6 +248,12 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
         + len(LR_GRID) * len(lrs),
         "runs": rows,
     }
+
+
+def base_sha256(base: str = "tiny") -> str:
+    """SHA-256 of the shipped base's weights file, to tie result files to the base they used."""
+    weights, _ = gpt.pretrained_paths(base)
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def summarize(rows: Iterable[dict], group: str | None = None) -> list[dict[str, object]]:
@@ -297,6 +302,7 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
         with os.fdopen(handle, "w") as file:
             json.dump(results, file, indent=1, sort_keys=True)
             file.write("\n")
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
