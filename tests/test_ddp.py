@@ -29,6 +29,7 @@ WORKER = textwrap.dedent(
         torch.save({"state": model.state_dict(), "start": start, "losses": result.losses,
                     "world": world}, sys.argv[1])
     if dist.is_initialized():
+        dist.barrier()  # rank 0 has written its file; tear down together
         dist.destroy_process_group()
     """
 )
