@@ -24,10 +24,11 @@
 # 8-bit dynamic map, the exact bit accounting, and the size of the extra error.
 
 # %%
+import matplotlib.pyplot as plt
 import torch
 
 import pedaPEFT
-from pedaPEFT import exercises, quant
+from pedaPEFT import exercises, figures, quant
 from pedaPEFT.course import check_version, seed_everything
 
 check_version("0.1.0")
@@ -107,6 +108,17 @@ print("codes:", tuple(codes.shape), codes.dtype, "| second-level scales:",
 relative = (rebuilt - absmax).abs() / absmax
 print(f"rebuilt absmax, relative error: mean {float(relative.mean()):.5f}, "
       f"max {float(relative.max()):.5f}")
+
+# %% [markdown]
+# The figure shows both halves. Left: the 256 levels of the dynamic map on a log scale — seven
+# decades of magnitude, most codes spent near ±1 and a few per decade down to $5.5 \times
+# 10^{-7}$. Right: the relative error of every rebuilt absmax against its true value. Blocks
+# whose absmax is close to the mean are centred near zero, where the map is finest, and come
+# back almost exactly; the error grows with the distance from the mean, staying within ±1 %.
+
+# %%
+figure = figures.double_quant_absmax()
+plt.show()
 
 # %% [markdown]
 # That is exactly what `quant.quantize_4bit(..., double_quant=True)` stores (its default). The

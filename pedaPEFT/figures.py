@@ -442,6 +442,41 @@ def quant_4bit_error_comparison() -> Figure:
     return figure
 
 
+@register("double_quant_absmax")
+def double_quant_absmax() -> Figure:
+    """The signed 8-bit dynamic map, and how well it rebuilds a 4096 x 4096 weight's absmax."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from pedaPEFT import quant
+
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(4096, 4096, generator=generator) * 0.02).to(torch.bfloat16)
+    state = quant.quantize_4bit(weight)
+    true_absmax = quant.quantize_4bit(weight, double_quant=False).absmax.numpy()
+    rebuilt = quant.dequantize_absmax(state).numpy()
+    figure, (map_ax, error_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    dynamic = quant.dynamic_code().numpy()
+    index = np.arange(dynamic.size)
+    map_ax.semilogy(index[dynamic > 0], dynamic[dynamic > 0], "C0.", ms=3, label="positive levels")
+    map_ax.semilogy(index[dynamic < 0], -dynamic[dynamic < 0], "C3.", ms=3,
+                    label="|negative levels|")
+    map_ax.set(xlabel="8-bit code", ylabel="|level| (log)",
+               title="dynamic map: ±10^(e-6) · f, 7 decades, 0 at code 127")
+    map_ax.title.set_fontsize(9)
+    map_ax.legend(fontsize=8)
+    relative = 100 * (rebuilt - true_absmax) / true_absmax
+    error_ax.plot(true_absmax, relative, "C0,", alpha=0.3)
+    error_ax.axvline(float(state.offset), color="k", ls="--", lw=1, label="offset (mean absmax)")
+    error_ax.set(xlabel="first-level absmax of a 64-block", ylabel="rebuilt - true (%)",
+                 title="double quantization: relative error of each block's absmax")
+    error_ax.title.set_fontsize(9)
+    error_ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 def qlora_demo(losses: list[float], accuracy_before: float, accuracy_after: float,
                task: str) -> Figure:
     """The demo's run: QLoRA training loss per step, and exact match before and after."""
