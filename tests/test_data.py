@@ -93,7 +93,7 @@ def test_exact_match_counts_whole_answers():
 def test_exact_match_equals_greedy_decoding():
     # The shipped base copies (pretraining task) but cannot shift: a mix of right and wrong rows.
     model = gpt.load_pretrained("tiny")
-    copy, shift = data.task_data("copy", "test", 24), data.task_data("shift", "test", 24)
+    copy, shift = data.task_data("copy", "test", 8), data.task_data("shift", "test", 8)
     mixed = data.TaskData(
         "mixed", "test", torch.cat([copy.x, shift.x]), torch.cat([copy.y, shift.y])
     )
