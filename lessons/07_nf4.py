@@ -151,9 +151,10 @@ plt.show()
 
 # %% [markdown]
 # NF4 is dense near zero and sparse in the tails. **FP4** (bitsandbytes' E2M1-like format: a
-# sign bit and the magnitudes $\{0, 0.0625, 2, 3, 4, 6, 8, 12\}/12$) is dense near zero too but
-# wastes a level on a second zero ($-0$) and one on $0.0052$, so it has 15 distinct values;
-# int4 has 15 evenly spaced ones.
+# sign bit and the magnitudes $\{0, 0.0625, 2, 3, 4, 6, 8, 12\}/12$) has the levels $0$,
+# $\pm 0.0052$, $\pm\frac16$, $\pm\frac14$, $\pm\frac13$, $\pm\frac12$, $\pm\frac23$, $\pm 1$:
+# a second zero ($-0$) and the pair $\pm 0.0052$ spend three codes almost on top of 0, so it
+# has 15 distinct values and a gap from $0.0052$ to $\frac16$. int4 has 15 evenly spaced ones.
 
 # %%
 fp4 = quant.fp4_code()
@@ -189,7 +190,7 @@ plt.show()
 # format a little.
 #
 # The runner-up may surprise: int4 (10.8 %) beats bitsandbytes' FP4 (12.2 %) on weight error.
-# FP4 spends two of its 16 codes on $-0$ and on $\pm 0.0052$, levels that almost never help,
+# FP4 spends three of its 16 codes on $-0$ and $\pm 0.0052$, levels that almost never help,
 # and leaves a wide gap between $2/3$ and $1$. The QLoRA paper's Table 2 ranks the formats by
 # *perplexity* of large language models (Int4 34.34, Float4 (E2M1) 31.07, NFloat4 + DQ 27.41);
 # weight error on a small model is a different measurement, and we reproduce only NF4's lead
