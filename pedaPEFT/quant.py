@@ -38,6 +38,13 @@ Two places where bitsandbytes' backends disagree, and what this module does:
   CPU backend uses a 65,536-entry lookup table that rounds about 0.2 % of the absmax values to a
   neighbouring code. Here ``dq_rounding="nearest"`` (default, identical on CPU and CUDA) or
   ``dq_rounding="cpu_lut"`` (reproduces bitsandbytes' CPU bytes).
+
+Smaller CUDA-kernel differences, not reproduced: bitsandbytes compiles its kernels with fast
+math (an approximate reciprocal, so a value within about one ulp of a threshold can take the
+neighbouring code), and its FP4 kernel decides on ``|x|`` with truncated decimal thresholds
+(negative ties go towards zero). Here the IEEE reciprocal and the float32 midpoints are used on
+every device, and the offset (the mean absmax) is always summed on the CPU, so a CUDA tensor
+gets exactly the bytes its CPU copy gets.
 """
 
 from __future__ import annotations
