@@ -62,6 +62,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0: evaluate only at the end
     checkpoint_interval: int = 0  # 0: write a checkpoint only at the end (if a path is given)
     progress: bool = True
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.grad_clip < 0:
             raise ValueError(
                 f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}"
@@ -122,18 +125,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     )
 
 
-def distributed_setup() -> tuple[int, int, torch.device]:
+def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device]:
     """Join the process group that ``torchrun`` describes, or run alone.
 
-    Returns (rank, world_size, device): NCCL with one GPU per process when CUDA is there,
-    gloo on CPU otherwise.
+    Returns (rank, world_size, device): NCCL with one GPU per process when CUDA is used
+    (``device`` "cuda", or "auto" with CUDA present), gloo on CPU otherwise.
     """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but no CUDA device is available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -223,7 +230,7 @@ def train(
     on CPU. Under ``torchrun`` the model is wrapped in DistributedDataParallel and only
     rank 0 writes checkpoints.
     """
-    rank, world_size, device = distributed_setup()
+    rank, world_size, device = distributed_setup(config.device)
     if config.batch_size % world_size:
         raise ValueError(
             f"batch_size must be divisible by the number of processes ({world_size}), "
@@ -438,7 +445,7 @@ def pretrain_base(preset: str = "tiny", config: TrainConfig = PRETRAIN_CONFIG, s
     torch.manual_seed(seed)
     model = GPT(GPTConfig.preset(preset))
     result = pretrain(model, config, seed, checkpoint=checkpoint, resume=resume)
-    recipe = {k: v for k, v in asdict(config).items() if k != "progress"}
+    recipe = {k: v for k, v in asdict(config).items() if k not in ("progress", "device")}
     info = {
         "preset": preset,
         "seed": seed,

@@ -91,3 +91,22 @@ def test_step_peak_static_part_matches_the_model():
     assert peak["optimizer"] == 8 * sum(p.numel() for p in params) + 4 * len(params)
     assert peak["logits_gradients"] == 8 * 4 * 16 * config.vocab_size
     assert peak["total"] == sum(v for k, v in peak.items() if k != "total")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_activation_formula_on_cuda_with_autocast():
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=128)
+    model = gpt.GPT(config).cuda()
+    x, y = torch.randint(512, (4, 64), device="cuda"), torch.randint(512, (4, 64), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x)
+        return train._scored_loss(logits, y, 1.0)
+
+    measured = memory.saved_tensor_bytes(step, model)
+    # The same tensors as on the CPU; CUDA attention kernels may keep a few extra bytes
+    # (random-number state), hence the tolerance.
+    assert memory.gpt_activation_bytes(config, 4, 64, "amp") == pytest.approx(measured, rel=0.01)

@@ -17,7 +17,7 @@ def micro_model(seed: int = 0) -> GPT:
 
 
 def quiet(**overrides) -> train.TrainConfig:
-    values = dict(steps=12, batch_size=8, lr=3e-3, warmup_steps=3, progress=False)
+    values = dict(steps=12, batch_size=8, lr=3e-3, warmup_steps=3, progress=False, device="cpu")
     return train.TrainConfig(**{**values, **overrides})
 
 
@@ -190,6 +190,8 @@ def test_register_method_and_bad_arguments():
         train.register_method("nothing", None)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         train.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="device must be"):
+        train.TrainConfig(device="tpu")
     with pytest.raises(ValueError, match="no trainable parameters"):
         train.make_optimizer(micro_model().requires_grad_(False), quiet())
     with pytest.raises(ValueError, match="n_blocks must be in"):
@@ -199,12 +201,13 @@ def test_register_method_and_bad_arguments():
 def test_pretrain_recipe_reproduces_the_shipped_base():
     info = gpt.pretrained_info("tiny")
     recipe = {k: v for k, v in dataclasses.asdict(train.PRETRAIN_CONFIG).items()
-              if k != "progress"}
+              if k not in ("progress", "device")}
     assert info["train_config"] == recipe
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the pretrain command runs it
     try:
-        _, fresh = train.pretrain_base("tiny", train.PRETRAIN_CONFIG, seed=info["seed"])
+        cpu_recipe = dataclasses.replace(train.PRETRAIN_CONFIG, device="cpu")
+        _, fresh = train.pretrain_base("tiny", cpu_recipe, seed=info["seed"])
     finally:
         torch.set_num_threads(threads)
     # Bit-identical on the machine that made the file; elsewhere the floating-point sums of
@@ -214,3 +217,20 @@ def test_pretrain_recipe_reproduces_the_shipped_base():
         assert fresh["metrics"][name] == pytest.approx(value, abs=0.03), name
     assert all(v == 1.0 for k, v in info["metrics"].items() if k.startswith("pretrain/"))
     assert all(v < 0.2 for k, v in info["metrics"].items() if k.startswith("downstream/"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_computes_the_cpu_function_and_trains(tmp_path):
+    base = gpt.load_pretrained("tiny")
+    split = data.task_data("copy", "test", 64)
+    cpu_logits = base(split.x)
+    cuda_logits = gpt.load_pretrained("tiny").cuda()(split.x.cuda()).cpu()
+    torch.testing.assert_close(cuda_logits, cpu_logits, rtol=1e-3, atol=1e-3)
+    model = micro_model()
+    result = train.train(model, batches, quiet(steps=40, lr=1e-2, device="cuda"),
+                         checkpoint=tmp_path / "cuda.pt")  # bf16 autocast on CUDA
+    assert next(model.parameters()).is_cuda
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.5
+    state = train.load_checkpoint(tmp_path / "cuda.pt")  # loads onto the CPU
+    assert all(not t.is_cuda for t in state["model"].values())
