@@ -55,6 +55,7 @@ def training_step(model, runner, optimizer, x, y, device) -> torch.Tensor:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = runner(x)
     loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+    del logits  # the 16-bit logits are not needed by backward: free them before it
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
