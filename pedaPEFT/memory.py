@@ -202,7 +202,9 @@ def gpt_step_peak_bytes(config, batch_size: int, seq_len: int | None = None,
     With gradients set to None between steps, the peak comes at the start of the backward
     pass: weights and optimizer states, every saved activation, and two float32 (n, V)
     gradients at once — of the log-probabilities and of the logits, 8 n V bytes — while the
-    weight gradients are not yet allocated. (The forward pass peaks lower, at 4 n V extra:
+    weight gradients are not yet allocated. This assumes the step drops its reference to the
+    16-bit logits once the loss is computed (backward does not need them); a caller that keeps
+    them adds 2 n V. (The forward pass peaks lower, at 4 n V extra:
     the float32 logits and their log-softmax; the end of backward holds all 4 N bytes of
     gradients but few activations.) Precision ``"fp32"`` or ``"amp"``: float32 weights and
     AdamW states either way.
