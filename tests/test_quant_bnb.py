@@ -143,3 +143,15 @@ def test_state_dict_equals_bitsandbytes_packed_dict():
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_we_load_a_linear4bit_with_bfloat16_storage():
+    # quant_storage=torch.bfloat16 (used with FSDP) reinterprets the same bytes as bfloat16.
+    torch.manual_seed(8)
+    layer = bnb.nn.Linear4bit(128, 48, quant_type="nf4", quant_storage=torch.bfloat16).to("cpu")
+    sd = layer.state_dict()
+    assert sd["weight"].dtype == torch.bfloat16
+    state = quant.from_bnb_state_dict(sd)
+    assert state.packed.dtype == torch.uint8 and state.packed.numel() == 48 * 128 // 2
+    expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(quant.dequantize_4bit(state), expected)
