@@ -527,3 +527,31 @@ def finetune_memory_per_parameter() -> Figure:
     ax.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+@register("qlora_table3")
+def qlora_table3(results: dict | None = None) -> Figure:
+    """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8), each seed a
+    dot and the mean ± standard deviation a bar (``figures/data/qlora_table3.json``)."""
+    import json
+
+    from pedaPEFT import qlora
+
+    if results is None:
+        results = json.loads(qlora.table3_results_path().read_text())
+    summary = qlora.table3_summary(results)
+    figure = Figure(figsize=(8, 3.8))
+    ax = figure.subplots()
+    colors = {"full": "C7", "lora": "C1", "qlora": "C0"}
+    for i, row in enumerate(summary):
+        ax.barh(i, row["mean"], xerr=row["std"], color=colors[row["method"]], alpha=0.7,
+                capsize=3)
+        seeds = [r["accuracy"] for r in results["runs"] if r["label"] == row["label"]]
+        ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
+    ax.set_yticks(range(len(summary)), [row["label"] for row in summary], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="exact match on the test split",
+           title=f"'{results['task']}', {results['config']['steps']} steps, "
+                 f"{len(results['config']['seeds'])} seeds (dots)")
+    figure.tight_layout()
+    return figure
