@@ -121,10 +121,23 @@ def command_finetune(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    status = command_env(args)
-    if status:
-        return status
-    return command_figures(argparse.Namespace(out=str(REPO_DIR / "figures"), names=None))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pedaPEFT import qlora
+
+    qlora.demo(args.task, out_dir=args.out)
+    return 0
+
+
+def command_qlora_experiment(args: argparse.Namespace) -> int:
+    from pedaPEFT import experiments, qlora
+
+    results = qlora.table3_experiment(args.scale, args.task, log=print)
+    out = Path(args.out) if args.out else qlora.table3_results_path(args.task)
+    experiments.write_results(results, out)
+    print(f"wrote {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,8 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="the course's main job")
+    demo = commands.add_parser(
+        "demo", help="the course's main job: QLoRA fine-tuning of the tiny GPT, start to finish"
+    )
+    demo.add_argument("--task", default="shift", help="downstream task (default: shift)")
+    demo.add_argument("--out", default="runs", help="folder for the figure (default: runs)")
     demo.set_defaults(run=command_demo)
+
+    qlora_experiment = commands.add_parser(
+        "qlora-experiment", help="lesson 9's sweep: full FT vs LoRA vs QLoRA (NF4, FP4, int8)"
+    )
+    qlora_experiment.add_argument("--scale", choices=["small", "full"], default="small")
+    qlora_experiment.add_argument("--task", default="reverse", help="downstream task")
+    qlora_experiment.add_argument(
+        "--out", default=None, help="output JSON (default: figures/data/qlora_table3_<task>.json)"
+    )
+    qlora_experiment.set_defaults(run=command_qlora_experiment)
 
     env = commands.add_parser("env", help="check that this machine has what the course needs")
     env.set_defaults(run=command_env)
@@ -164,13 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="output JSON (default: figures/data/lora_<name>.json)"
     )
     lora_experiment.set_defaults(run=command_lora_experiment)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
-
 
     pretrain = commands.add_parser(
         "pretrain", help="pretrain a GPT preset on the synthetic mixture and save it as a base"
@@ -214,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     finetune.add_argument("--threads", type=int, default=1,
                           help="CPU threads (default 1: fastest for tiny models)")
     finetune.set_defaults(run=command_finetune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

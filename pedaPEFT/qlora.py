@@ -828,12 +828,14 @@ def table3_run(label: str, method: str, options: dict, task: str, seed: int, sca
         steps=scale.steps, batch_size=scale.batch_size, lr=TABLE3_LR[method],
         warmup_steps=max(1, scale.steps // 10), weight_decay=0.0, progress=False,
     )
-    train.train(model, lambda step: train_set.batch(step, scale.batch_size, seed=seed), config)
+    run = train.train(model, lambda step: train_set.batch(step, scale.batch_size, seed=seed),
+                      config)
     return {
         "label": label, "method": method, "options": {k: list(v) if isinstance(v, tuple) else v
                                                       for k, v in options.items()},
         "seed": seed, "trainable": trainable, "base_parameters": n_base,
         "model_bytes_before": dense_bytes, "model_bytes_after": model_bytes(model),
+        "loss_first": run.losses[0], "loss_last": run.losses[-1],
         "accuracy": data.exact_match(model, test_set),
     }
 
@@ -855,7 +857,13 @@ def table3_experiment(scale_name: str = "small", task: str = "reverse", log=None
             rows.append(table3_run(label, method, options, task, seed, scale))
             if log is not None:
                 log(f"{label}, seed {seed}: accuracy {rows[-1]['accuracy']:.3f}")
+    import hashlib
+
+    from pedaPEFT import gpt
+
+    weights, _ = gpt.pretrained_paths("tiny")
     return {"experiment": "qlora_table3", "task": task, "scale": scale_name,
+            "base_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
             "config": dataclasses.asdict(scale), "lr": TABLE3_LR, "torch": torch.__version__,
             "runs": rows}
 
@@ -880,9 +888,9 @@ def table3_summary(results: dict) -> list[dict]:
     return summary
 
 
-def table3_results_path() -> Path:
-    """``figures/data/qlora_table3.json``: the committed full-scale results."""
-    return Path(__file__).resolve().parent.parent / "figures" / "data" / "qlora_table3.json"
+def table3_results_path(task: str = "reverse") -> Path:
+    """``figures/data/qlora_table3_<task>.json``: the committed full-scale results."""
+    return Path(__file__).resolve().parent.parent / "figures" / "data" / f"qlora_table3_{task}.json"
 
 
 def _register() -> None:

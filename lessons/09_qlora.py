@@ -1,0 +1,381 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 9 — QLoRA on the small GPT
+#
+# LoRA trains a few numbers, but the frozen base $W_0$ still sits in memory at 16 or 32 bits
+# per weight: for LLaMA-3-8B that is 16 GB before a single activation. QLoRA (Dettmers et al.,
+# 2023) keeps the base in **4 bits** — NF4 codes with double-quantized block scales (lessons
+# 7 and 8) — and trains LoRA on top, computing in bf16:
+#
+# $$y = x\,\mathrm{dequant}(Q)^\top + b + s\,B\,A\,x, \qquad s = \alpha / r .$$
+#
+# (The lecture's slide copies the paper's Eq. 5, which drops the scale $s$; the paper's own
+# Eq. 3, PEFT and `pedaPEFT.lora` all multiply by $s = \alpha/r$.)
+#
+# This lesson builds one QLoRA layer and checks what it stores and computes, measures the
+# memory of the tiny GPT before and after quantization against `memory.py`'s prediction,
+# fine-tunes it, reproduces the QLoRA paper's table 3 in miniature (full fine-tuning vs LoRA
+# vs QLoRA with NF4, FP4 and int8 bases, three seeds), compares LoRA on all linear layers
+# with LoRA on $W_q, W_v$ only, and recomputes the lecture's LLaMA-3-8B arithmetic.
+#
+# **You will learn:** what a QLoRA layer stores, why its backward pass dequantizes again, where
+# QLoRA's memory goes (and where it does not), and what 4-bit bases cost in accuracy.
+
+# %%
+import json
+
+import torch
+import torch.nn.functional as F
+
+import pedaPEFT
+from pedaPEFT import data, exercises, experiments, figures, gpt, lora, memory, qlora, quant
+from pedaPEFT.course import check_version, seed_everything
+
+check_version("0.1.0")
+seed_everything(0)
+print(f"pedaPEFT {pedaPEFT.__version__}")
+
+# %% [markdown]
+# ## 1. One layer, stored in 4 bits
+#
+# Take the first MLP layer `fc` of the shipped tiny GPT base (64 → 256) and turn it into a
+# `QLoRALinear`. The frozen weight is quantized blockwise (64 weights per block) to NF4 codes,
+# two per byte; each block's absmax is itself quantized to 8 bits (double quantization) with
+# one float32 scale per 256 blocks and one float32 mean. Nothing else of $W_0$ is kept.
+
+# %%
+base = gpt.load_pretrained("tiny")
+fc = base.blocks[0].mlp.fc
+layer = qlora.QLoRALinear.from_linear(fc, r=8, alpha=16)
+print(layer)
+rows = [(name, t) for name, t in layer.named_buffers() if t is not None]
+rows += list(layer.named_parameters())
+for name, t in rows:
+    print(f"{name:<28} {str(t.dtype):<14} {str(tuple(t.shape)):<10} "
+          f"{t.numel() * t.element_size():>6} bytes")
+
+# %% [markdown]
+# The weight itself costs `packed` + `absmax` + `nested_absmax` + `offset` + the two code
+# tables. Per weight that is $4 + 8/64 + 32/(64 \cdot 256) = 4.127$ bits plus the tables,
+# $8 \cdot 4 \cdot (16 + 256) / n$ bits, which vanish for a large layer but not for our
+# 16,384-weight one:
+
+# %%
+n = fc.weight.numel()
+measured_bits = layer.base_layer.bits_per_parameter()
+formula_bits = quant.bits_per_parameter()
+tables_bits = 8 * 4 * (16 + 256 + 1) / n
+print(f"formula (no tables): {formula_bits:.4f} bits per weight")
+print(f"tables and offset:   {tables_bits:.4f} bits per weight for n = {n:,}")
+print(f"measured:            {measured_bits:.4f} bits per weight")
+print(f"dense fp32: {32 * n / 8:,.0f} bytes, stored: {layer.base_layer.weight_bytes():,} bytes")
+assert abs(measured_bits - (formula_bits + tables_bits)) < 1e-9
+
+# %% [markdown]
+# ## 2. Forward and backward without a dense weight
+#
+# The forward pass dequantizes $Q$ into a temporary, multiplies and frees it. For the backward
+# pass, the chain rule needs only one thing from the frozen base: the gradient with respect to
+# the input,
+#
+# $$\frac{\partial L}{\partial x} = \frac{\partial L}{\partial y}\,\mathrm{dequant}(Q),$$
+#
+# since $Q$ gets no gradient. Autograd would normally *save* the dense weight between the two
+# passes; QLoRA's custom autograd function saves the packed codes instead and dequantizes a
+# second time. (On a GPU that second pass costs about 11 µs for a 4096 × 4096 weight, against
+# 270 µs for the matrix product at 4096 tokens: see `benchmarks/qlora_gpu.md`.)
+#
+# We check the function and its gradients against plain autograd through the dense
+# dequantized weight, and we record every tensor autograd saves.
+
+# %%
+with torch.no_grad():
+    layer.lora_B.normal_(0, 0.05)  # B starts at zero; give it values so the check means something
+x = torch.randn(32, 64, requires_grad=True)
+saved = []
+with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    y = layer(x)
+grad_y = torch.randn_like(y)
+y.backward(grad_y)
+
+w = layer.base_layer.dequantize()
+a = layer.lora_A.detach().requires_grad_(True)
+b = layer.lora_B.detach().requires_grad_(True)
+x_ref = x.detach().requires_grad_(True)
+y_ref = F.linear(x_ref, w, layer.base_layer.bias) + layer.scaling * (x_ref @ a.T) @ b.T
+y_ref.backward(grad_y)
+for name, ours, ref in [("y", y, y_ref), ("dL/dx", x.grad, x_ref.grad),
+                        ("dL/dA", layer.lora_A.grad, a.grad), ("dL/dB", layer.lora_B.grad, b.grad)]:
+    error = float((ours.detach() - ref.detach()).abs().max() / ref.detach().abs().max())
+    print(f"{name:<6} equals autograd through the dense weight to 1e-6: {error < 1e-6}")
+largest_float = max(t.numel() for t in saved if t.is_floating_point())
+print(f"largest floating-point tensor saved for backward: {largest_float:,} numbers "
+      f"(the dense weight would be {n:,})")
+
+# %% [markdown]
+# The dequantization the layer runs is `quant.dequantize_4bit`'s function, written once more
+# as a fused GPU kernel (`pedaPEFT.kernels`); on the CPU both paths give the same bits:
+
+# %%
+from_package = quant.dequantize_4bit(layer.base_layer.quant_state())
+print("layer == quant.dequantize_4bit:", torch.equal(layer.base_layer.dequantize(), from_package))
+
+# %% [markdown]
+# ## 3. The tiny GPT before and after quantization
+#
+# `qlora.quantize_model` turns every Linear that matches the LoRA targets into a
+# `QLoRALinear` and freezes everything else. We target all six linear types (q, k, v, o, fc,
+# proj), as the QLoRA paper does, and measure the bytes the model stores.
+
+# %%
+model = gpt.load_pretrained("tiny")
+dense_bytes = qlora.model_bytes(model)
+n_params = gpt.count_parameters(model.config)
+linear_params = model.config.n_layer * 12 * model.config.n_embd**2
+config = lora.LoRAConfig(r=8, alpha=16, target_modules=qlora.ALL_LINEAR)
+names = qlora.quantize_model(model, config, quant_type="nf4", double_quant=True)
+quant_bytes = qlora.model_bytes(model)
+trainable, _ = lora.count_parameters(model)
+print(f"parameters: {n_params:,}, of which in Linear weights: {linear_params:,} "
+      f"({100 * linear_params / n_params:.1f}%)")
+print(f"quantized layers: {len(names)}; trainable LoRA parameters: {trainable:,} "
+      f"({100 * trainable / n_params:.2f}%)")
+print(f"stored bytes: dense fp32 {dense_bytes:,} -> QLoRA {quant_bytes:,} "
+      f"({quant_bytes / dense_bytes:.2f} x)")
+
+# %% [markdown]
+# `memory.finetune_memory` prices every base parameter at `base_bits` for QLoRA. That is the
+# lecture's model of QLoRA ("8 billion parameters × 0.5 bytes") and it misses twice: only the
+# Linear weights are quantized (embeddings, LayerNorms and biases stay in their 32 or 16 bits),
+# and a small layer pays for its code tables. Pricing the parts separately predicts the
+# measurement:
+
+# %%
+bits = qlora.base_bits_per_parameter(model)
+naive = memory.finetune_memory(n_params, "qlora", trainable=trainable, base_bits=4.127)
+refined = memory.finetune_memory(linear_params, "qlora", trainable=trainable, base_bits=bits)
+rest = 4 * (n_params - linear_params)  # embeddings, LayerNorms, biases stay float32
+print(f"measured bits per quantized weight: {bits:.3f}")
+print(f"predicted weights, everything at 4.127 bits:        {naive.weights:>9,.0f} bytes")
+print(f"predicted weights, Linear at {bits:.3f} bits + rest fp32: "
+      f"{refined.weights + rest:>9,.0f} bytes")
+print(f"measured:                                           {quant_bytes:>9,} bytes")
+print(f"training state (weights + grads + AdamW) predicted: {refined.static + rest:,.0f} bytes "
+      f"vs {memory.finetune_memory(n_params, 'full').static:,.0f} for full fine-tuning")
+
+# %% [markdown]
+# At this size the model is mostly embeddings and small layers, so quantizing "only" halves
+# it; at LLaMA-3-8B's size the same accounting gives 5.7 GB against 16 GB in bf16 (section 7).
+#
+# ## 4. Fine-tuning it
+#
+# The model trains like any other: only `lora_A` and `lora_B` have gradients. The cell below
+# is the small CI configuration (30 steps of 32 examples on `reverse`): enough to see the
+# loss fall, far from enough to learn the task. The full recipe, 300 steps of 64 examples,
+# is what section 5's table and `python -m pedaPEFT demo` run.
+
+# %%
+small = experiments.SCALES["small"]
+run = qlora.table3_run("QLoRA NF4 + DQ, all linear", "qlora", {}, "reverse", 0, small)
+before = gpt.pretrained_info("tiny")["metrics"]["downstream/reverse"]
+print(f"training loss: step 1 {run['loss_first']:.2f} -> step 30 {run['loss_last']:.2f}")
+print(f"exact match on 'reverse': base {before:.3f} -> after 30 steps {run['accuracy']:.3f} "
+      f"({run['trainable']:,} trainable parameters)")
+
+# %% [markdown]
+# ## 5. Table 3 of the QLoRA paper, in miniature
+#
+# The paper's table 3 fine-tunes RoBERTa and T5 with full fine-tuning, LoRA on a BF16 base,
+# and QLoRA on Int8, FP4 and NF4 + DQ bases, and finds them within noise of each other
+# ("QLoRA replicates 16-bit LoRA and full-finetuning"). Our version fine-tunes the tiny GPT
+# with each method for 300 steps of 64 examples, three seeds each, r = 8, α = 16 on all six
+# linear types, the same learning rate for LoRA and QLoRA (4e-3; 1e-3 for full fine-tuning),
+# and scores exact match on 512 unseen examples. Our "16-bit" base is float32 on the CPU.
+# The 42 runs (two tasks) take about 10 minutes on two CPU cores, so the lesson reads the
+# committed results of `python -m pedaPEFT qlora-experiment --scale full --task reverse`
+# (and `--task shift`):
+
+# %%
+for task in ("reverse", "shift"):
+    results = json.loads(qlora.table3_results_path(task).read_text())
+    print(f"task '{task}', {results['config']['steps']} steps, seeds {results['config']['seeds']}")
+    print(f"  {'method':<30} {'trainable':>9} {'stored bytes':>13} {'exact match':>14}")
+    for row in qlora.table3_summary(results):
+        print(f"  {row['label']:<30} {row['trainable']:>9,} {row['model_bytes_after']:>13,} "
+              f"{row['mean']:>7.3f} ± {row['std']:.3f}")
+
+# %%
+fig = figures.qlora_table3()
+fig
+
+# %% [markdown]
+# What the table says, and what it does not:
+#
+# * On `shift` every method reaches 100 % for every seed: the task is too easy to separate
+#   anything. On `reverse`, every adapter on **all linear layers** — on a float32, int8, FP4
+#   or NF4 + DQ base — reaches 99.9–100 % for all three seeds. A 4-bit base costs nothing we
+#   can measure here, as in the paper's table 3. The honest caveat: at the ceiling, a
+#   difference smaller than about 0.1 % (one example in 512) would not show.
+# * Full fine-tuning, with one untuned learning rate, is the least stable (one seed stops at
+#   43 %); this is a statement about our learning rate, not about full fine-tuning.
+# * Storage: the QLoRA model stores 0.37 × the dense model's bytes. At this size double
+#   quantization does **not** pay: each layer has only 64 to 256 blocks, so the second level's
+#   256-entry code table (1 KB per layer) costs more than the 3 bytes per block it saves, and
+#   FP4 without DQ is smaller than NF4 with it. DQ saves 3 bytes per block and costs
+#   1,028 bytes per layer: it pays from about 350 blocks (22,000 weights) per layer.
+#
+# ## 6. All linear layers, or only $W_q$ and $W_v$?
+#
+# The last two rows train LoRA on $W_q$ and $W_v$ only, the LoRA paper's default, with a
+# quarter of the trainable parameters. On `reverse` this fails: 0.4 % exact match with a
+# float32 base, and for QLoRA two seeds fail and one reaches 89 % (mean 30 %, standard
+# deviation 51 %: with three seeds, the two q, v rows cannot be told apart). This is the QLoRA
+# paper's own finding (section 4): "LoRA on all linear transformer block layers are required to
+# match full finetuning performance". Reversing a string needs the MLPs and the output
+# projection to change, not only where attention looks.
+#
+# ## 7. The lecture's LLaMA-3-8B arithmetic, recomputed
+#
+# The lecture ("How does QLoRA reduce memory to 14GB?") claims: a 4-bit base of about 4 GB;
+# 8.5 bytes per trainable parameter $= 0.5 + 2 + 2 + 4$; 48 M trainable parameters (0.6 %)
+# giving 0.408 GB; "around 4.1 GB" in total; and "about 14 GB" with a 16-bit model. We count
+# LLaMA-3-8B exactly (vocabulary 128,256, width 4096, 32 layers, 32 query and 8 key/value
+# heads, MLP 14,336, untied head).
+
+# %%
+n_llama = memory.llama_parameter_count(128256, 4096, 32, 32, 8, 14336)
+d, kv, ffn, layers = 4096, 1024, 14336, 32
+n_llama_linear = layers * (2 * d * d + 2 * d * kv + 3 * d * ffn)
+print(f"LLaMA-3-8B parameters: {n_llama:,}; in Linear layers: {n_llama_linear:,}")
+all_4bit = n_llama * 0.5 / 1e9
+all_4127 = n_llama * 4.127 / 8 / 1e9
+linear_only = (n_llama_linear * 4.127 / 8 + 2 * (n_llama - n_llama_linear)) / 1e9
+print(f"base at 0.5 bytes for every parameter (lecture): {all_4bit:.2f} GB")
+print(f"base at 4.127 bits for every parameter:          {all_4127:.2f} GB")
+print(f"Linear at 4.127 bits, embeddings + head in bf16: {linear_only:.2f} GB")
+
+# %% [markdown]
+# The last line is what QLoRA really loads (bitsandbytes and PEFT, like us, quantize only the
+# Linear layers; the 2 × 525 M-parameter embedding and head stay bf16). On an H200 our layer-by-
+# layer quantized LLaMA-3-8B-shaped model measured 5.79 GB after loading
+# (`benchmarks/qlora_gpu.md`).
+#
+# Now the 8.5 bytes per trainable parameter. The 0.5-byte "weight" is the frozen base's, not
+# the adapter's; the adapter itself is bf16 (2 bytes), its gradient has the adapter's dtype
+# (2 bytes, not "always fp32"), and AdamW keeps **two** float32 moments (8 bytes, not 2):
+
+# %%
+trainable_llama_lecture = round(0.006 * 8e9)
+lecture_bytes = 0.5 + 2 + 2 + 4
+per_param = memory.finetune_memory(0, "lora", precision="bf16", trainable=1)
+bf16_adamw32 = 2 + 2 + memory.optimizer_state_bytes("adamw", "fp32")
+trainable_r16 = layers * 16 * ((d + d) * 2 + (d + kv) * 2 + 3 * (d + ffn))
+print(f"0.6% of 8B = {trainable_llama_lecture / 1e6:.0f} M; r = 16 on all linear layers: "
+      f"{trainable_r16:,} ({100 * trainable_r16 / n_llama:.2f}%)")
+print(f"lecture: {lecture_bytes} bytes x 48 M = {lecture_bytes * 48e6 / 1e9:.3f} GB")
+print(f"bf16 adapter + bf16 grad + fp32 AdamW moments: {bf16_adamw32:.0f} bytes x 48 M = "
+      f"{bf16_adamw32 * 48e6 / 1e9:.3f} GB")
+print(f"everything bf16 (memory.py precision='bf16'): "
+      f"{per_param.static:.0f} bytes x 48 M = {per_param.static * 48e6 / 1e9:.3f} GB")
+print(f"lecture's total: 4 + 0.408 = {4 + 0.408:.3f} GB (the slide says 'around 4.1 GB')")
+print(f"a 16-bit copy of the model: {2 * n_llama / 1e9:.2f} GB (the slide says 'at most 14 GB')")
+
+# %% [markdown]
+# So the lecture's 0.408 GB is its own arithmetic done right on a wrong per-parameter count
+# (0.576 GB with fp32 moments, 0.384 GB if everything, moments included, were bf16); its
+# 4.1 GB total does not even add its own numbers (4.408); and "at most 14 GB" for a 16-bit
+# LLaMA-3-8B is impossible, since the weights alone are 16.06 GB. What dominates a real QLoRA
+# training step is none of these: on the H200, one step at batch 1 × 2048 tokens without
+# activation checkpointing peaked at 20.7 GB, about 70 % of it activations and the
+# 2048 × 128,256 logits (`benchmarks/qlora_gpu.md`).
+#
+# ## 8. Merging for inference
+#
+# After training, `merge_qlora` folds $s\,BA$ into a dense weight: `dequant(Q) + sBA`. The
+# result is a plain `nn.Linear`, exact up to float rounding. Quantizing the merged weight
+# again (to ship a small model) adds a fresh rounding error, of a size comparable to the
+# update itself:
+
+# %%
+tuned = gpt.load_pretrained("tiny")
+qlora.prepare_qlora(tuned)
+for i, qlayer in enumerate(qlora.qlora_layers(tuned).values()):
+    generator = torch.Generator().manual_seed(i)
+    with torch.no_grad():  # an update of a typical trained size, drawn at random
+        qlayer.lora_B.copy_(torch.randn(qlayer.lora_B.shape, generator=generator) * 0.02)
+errors = [qlora.requantization_error(qlayer) for qlayer in qlora.qlora_layers(tuned).values()]
+idx = data.task_data("shift", "test", 64, tuned.config.block_size).x
+with torch.no_grad():
+    before_merge = tuned(idx)
+    qlora.merge_qlora(tuned)
+    after_merge = tuned(idx)
+merge_error = float((after_merge - before_merge).abs().max() / before_merge.abs().max())
+print(f"merged logits equal the QLoRA logits to 1e-5: {merge_error < 1e-5}")
+mean = {k: sum(e[k] for e in errors) / len(errors) for k in errors[0]}
+print(f"re-quantizing the merged weights: relative error {mean['rel_error']:.3f}, "
+      f"update size {mean['rel_delta']:.3f}, error / update {mean['delta_lost']:.2f}")
+
+# %% [markdown]
+# The new rounding error is about half the size of the update it is supposed to carry: a
+# re-quantized merge is a different model, which is why QLoRA ships the 4-bit base and the
+# small adapter separately (`qlora.save_quantized`, `qlora.save_adapter`) or merges into
+# a 16-bit model.
+
+# %% [markdown]
+# ## Exercises
+
+# %% [markdown]
+# **Exercise 1.** How many bits per weight does a 4096 × 4096 NF4 + DQ layer store, counting
+# the packed codes, both levels of scales, the offset and both code tables (16 and 256
+# float32 entries)? Store it in `bits_4096`.
+
+# %%
+### BEGIN SOLUTION
+bits_4096 = 4 + 8 / 64 + 32 / (64 * 256) + 8 * 4 * (16 + 256 + 1) / 4096**2
+### END SOLUTION
+
+# %%
+exercises.check_number(
+    bits_4096,
+    qlora.QuantLinear(qlora.BaseFormat("nf4", 4096, 4096, 64, True, 256, "float32", "float32"),
+                      bias=False, device="meta").bits_per_parameter(),
+    name="bits_4096", rtol=1e-9,
+    hint="4 bits per code, 8 per block of 64, 32 per 256 blocks, plus 4 bytes per table entry.")
+
+# %% [markdown]
+# **Exercise 2.** How many LoRA parameters does r = 64 (the QLoRA paper's choice) on all seven
+# linear types of LLaMA-3-8B train? Each layer has q, o (4096 → 4096), k, v (4096 → 1024),
+# gate, up (4096 → 14336) and down (14336 → 4096). Store it in `trainable_r64`.
+
+# %%
+### BEGIN SOLUTION
+trainable_r64 = 32 * 64 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+### END SOLUTION
+
+# %%
+exercises.check_integer(trainable_r64, 4 * trainable_r16, name="trainable_r64",
+                        hint="r · (in + out) per layer, summed over the 7 layers, times 32.")
+
+# %% [markdown]
+# **Exercise 3.** With bf16 adapters, bf16 gradients and AdamW's two float32 moments, how many
+# gigabytes (10⁹ bytes) do 48 million trainable parameters take? Store it in `adapter_gb`.
+
+# %%
+### BEGIN SOLUTION
+adapter_gb = 48e6 * (2 + 2 + 2 * 4) / 1e9
+### END SOLUTION
+
+# %%
+exercises.check_number(adapter_gb, 0.576, name="adapter_gb", rtol=1e-9,
+                       hint="bytes per trainable parameter: weight + gradient + two moments.")
