@@ -529,6 +529,118 @@ def finetune_memory_per_parameter() -> Figure:
     return figure
 
 
+# --- Lessons 4 and 5: bottleneck adapters and LoRA -----------------------------------------
+
+
+@register("lora_alpha_scaling")
+def lora_alpha_scaling(results: dict | None = None) -> Figure:
+    """Why α/r: update size at one learning rate, and loss against learning rate, per rank r.
+
+    ``results`` is ``experiments.alpha_scaling()`` (computed here, in seconds, when omitted).
+    """
+    import matplotlib.pyplot as plt
+
+    from pedaPEFT import experiments
+
+    results = experiments.alpha_scaling() if results is None else results
+    figure, (norms, sweep) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = {"alpha/r": r"$\alpha/r$ (LoRA)", "alpha/sqrt(r)": r"$\alpha/\sqrt{r}$ (rsLoRA)",
+              "none": r"none ($\alpha = r$)"}
+    for rule, style in zip(experiments.SCALING_RULES, ("C0o-", "C2s-", "C3^-"), strict=True):
+        norms.loglog(results["ranks"], results["norms"][rule], style, ms=4, label=labels[rule])
+    norms.set_xscale("log", base=2)
+    norms.set(xlabel="rank r", ylabel=r"$\|\Delta W\|_F$",
+              title=f"update after {results['norm_steps']} Adam steps at lr "
+                    f"{results['norm_lr']:g}")
+    norms.legend(fontsize=8)
+    for index, r in enumerate(results["sweep_ranks"]):
+        colour = f"C{index}"
+        for rule, style in (("alpha/r", "-"), ("none", "--")):
+            sweep.semilogx(results["lrs"], results["losses"][rule][str(r)], style, color=colour,
+                           marker="o", ms=3,
+                           label=f"r={r}, {'α/r' if rule == 'alpha/r' else 'no scaling'}")
+    sweep.set(xlabel="learning rate", ylabel="MSE",
+              title=f"loss after {results['sweep_steps']} steps")
+    sweep.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def _summary_by_key(rows: list[dict], group: str) -> dict[tuple, dict]:
+    from pedaPEFT import experiments
+
+    return {
+        (tuple(s["options"]["targets"]), s["options"]["r"]): s
+        for s in experiments.summarize(rows, group)
+    }
+
+
+LORA_RESULT_FILES = {"tables": ("tables", "tables_reverse"),
+                     "adapters": ("adapters", "adapters_reverse")}
+"""Committed result files (``figures/data/lora_<name>.json``): task ``shift``, then ``reverse``."""
+
+
+@register("lora_tables")
+def lora_tables() -> Figure:
+    """The LoRA paper's tables 5 and 6 in miniature on the tiny GPT, one row per task."""
+    import matplotlib.pyplot as plt
+
+    from pedaPEFT import experiments
+
+    names = LORA_RESULT_FILES["tables"]
+    figure, grid = plt.subplots(len(names), 2, figsize=(11, 3.6 * len(names)), squeeze=False)
+    for (which, rank), name in zip(grid, names, strict=True):
+        results = experiments.load_results(name)
+        table5 = _summary_by_key(results["runs"], "table5")
+        table6 = _summary_by_key(results["runs"], "table6")
+        labels = [f"{{{','.join(t)}}}\nr={r}" for t, r in table5]
+        which.bar(range(len(labels)), [100 * s["mean"] for s in table5.values()],
+                  yerr=[100 * s["std"] for s in table5.values()], capsize=3, color="C0",
+                  alpha=0.8)
+        which.set_xticks(range(len(labels)), labels, fontsize=8)
+        budget = next(iter(table5.values()))["trainable"]
+        which.set(ylabel="test exact match (%)", ylim=(0, 105),
+                  title=f"{results['task']!r}: which weights ({budget:,} trainable each)")
+        for index, targets in enumerate((*experiments.TABLE6, ("q",))):
+            found = {r: s for (t, r), s in (*table5.items(), *table6.items()) if t == targets}
+            points = sorted(found.items())
+            rank.errorbar([r for r, _ in points], [100 * s["mean"] for _, s in points],
+                          yerr=[100 * s["std"] for _, s in points], marker="o", ms=4,
+                          capsize=3, color=f"C{index}", label="{" + ",".join(targets) + "}")
+        rank.set_xscale("log", base=2)
+        rank.set(xlabel="rank r", ylabel="test exact match (%)", ylim=(-3, 105),
+                 title=f"{results['task']!r}: which rank "
+                       f"(mean ± std, {len(results['config']['seeds'])} seeds)")
+        rank.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+@register("adapter_methods")
+def adapter_methods() -> Figure:
+    """Accuracy against trainable share: full, top-layer, adapters, LoRA; one panel per task."""
+    import matplotlib.pyplot as plt
+
+    from pedaPEFT import experiments
+
+    names = LORA_RESULT_FILES["adapters"]
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        results = experiments.load_results(name)
+        for index, s in enumerate(experiments.summarize(results["runs"])):
+            label = s["method"] + "".join(f" {k}={v}" for k, v in s["options"].items()
+                                          if k != "targets")
+            ax.errorbar(100 * s["trainable"] / s["total"], 100 * s["mean"], yerr=100 * s["std"],
+                        marker="o", capsize=3, color=f"C{index}", label=label, ls="none")
+        ax.set_xscale("log")
+        ax.set(xlabel="trainable parameters (% of the model)", ylabel="test exact match (%)",
+               ylim=(-3, 105), title=f"task {results['task']!r}, mean ± std over "
+                                     f"{len(results['config']['seeds'])} seeds")
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
 @register("qlora_table3")
 def qlora_table3(results: dict | None = None) -> Figure:
     """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8), each seed a
