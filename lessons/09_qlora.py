@@ -164,14 +164,13 @@ print(f"stored bytes: dense fp32 {dense_bytes:,} -> QLoRA {quant_bytes:,} "
 # %%
 bits = qlora.base_bits_per_parameter(model)
 naive = memory.finetune_memory(n_params, "qlora", trainable=trainable, base_bits=4.127)
-refined = memory.finetune_memory(linear_params, "qlora", trainable=trainable, base_bits=bits)
-rest = 4 * (n_params - linear_params)  # embeddings, LayerNorms, biases stay float32
+refined = memory.finetune_memory(n_params, "qlora", trainable=trainable, base_bits=bits,
+                                 quantized=linear_params)  # the rest stays float32
 print(f"measured bits per quantized weight: {bits:.3f}")
 print(f"predicted weights, everything at 4.127 bits:        {naive.weights:>9,.0f} bytes")
-print(f"predicted weights, Linear at {bits:.3f} bits + rest fp32: "
-      f"{refined.weights + rest:>9,.0f} bytes")
+print(f"predicted weights, Linear at {bits:.3f} bits + rest fp32: {refined.weights:>9,.0f} bytes")
 print(f"measured:                                           {quant_bytes:>9,} bytes")
-print(f"training state (weights + grads + AdamW) predicted: {refined.static + rest:,.0f} bytes "
+print(f"training state (weights + grads + AdamW) predicted: {refined.static:,.0f} bytes "
       f"vs {memory.finetune_memory(n_params, 'full').static:,.0f} for full fine-tuning")
 
 # %% [markdown]

@@ -108,6 +108,7 @@ def finetune_memory(
     optimizer: str = "adamw",
     trainable: int | None = None,
     base_bits: float = 4.127,
+    quantized: int | None = None,
     n_tensors: int = 0,
     activations: float = 0.0,
 ) -> MemoryBreakdown:
@@ -116,6 +117,9 @@ def finetune_memory(
     ``method``: ``"full"`` trains every parameter; ``"lora"`` and ``"qlora"`` train
     ``trainable`` extra parameters (the adapters) on a frozen base of ``n_params``, stored at
     the precision's weight size (LoRA) or at ``base_bits`` bits per parameter (QLoRA).
+    ``quantized`` (QLoRA): how many of the base's parameters are quantized (default: all);
+    QLoRA quantizes the Linear weights only, and the rest (embeddings, norms, biases, an
+    untied head) keeps the precision's weight size.
     ``n_tensors`` is the number of trainable tensors (each costs a 4-byte step counter in
     PyTorch's AdamW); ``activations`` is passed through (see ``gpt_activation_bytes``).
     """
@@ -140,9 +144,15 @@ def finetune_memory(
         raise ValueError(f"trainable must be a non-negative integer for method={method!r}")
     if method == "qlora" and not 0 < base_bits <= 32:
         raise ValueError(f"base_bits must be in (0, 32], got {base_bits!r}")
-    b_frozen = base_bits / 8 if method == "qlora" else b_weight
+    if method == "qlora":
+        quantized = n_params if quantized is None else quantized
+        if not isinstance(quantized, int) or not 0 <= quantized <= n_params:
+            raise ValueError(f"quantized must be an integer in [0, n_params], got {quantized!r}")
+        frozen = quantized * base_bits / 8 + (n_params - quantized) * b_weight
+    else:
+        frozen = n_params * b_weight
     return MemoryBreakdown(
-        weights=n_params * b_frozen + trainable * b_weight,
+        weights=frozen + trainable * b_weight,
         gradients=trainable * b_grad,
         optimizer=trainable * (state + b_master) + counter,
         activations=activations,

@@ -768,9 +768,9 @@ def demo(task: str = "shift", out_dir: str | os.PathLike = "runs", progress: boo
     quantized = sum(m.in_features * m.out_features for m in model.modules()
                     if isinstance(m, QuantLinear))
     predicted = memory.finetune_memory(
-        quantized, "qlora", trainable=result.trainable, base_bits=base_bits_per_parameter(model)
+        n_base, "qlora", trainable=result.trainable, quantized=quantized,
+        base_bits=base_bits_per_parameter(model),
     )
-    predicted_bytes = predicted.static + 4 * (n_base - quantized)
     compute_dtype = next(iter(qlora_layers(model).values())).compute_dtype
     rows = [
         ("device, compute dtype", f"{device.type}, {_dtype_name(compute_dtype)}"),
@@ -779,7 +779,7 @@ def demo(task: str = "shift", out_dir: str | os.PathLike = "runs", progress: boo
         ("storage of quantized weights", f"{base_bits_per_parameter(model):.3f} bits per weight"),
         ("model memory, dense fp32 -> QLoRA", f"{dense_bytes / 2**20:.2f} MiB -> "
                                               f"{quant_bytes / 2**20:.2f} MiB"),
-        ("training memory predicted (memory.py)", f"{predicted_bytes / 2**20:.2f} MiB without "
+        ("training memory predicted (memory.py)", f"{predicted.static / 2**20:.2f} MiB without "
                                                   "activations"),
         (f"exact match on '{task}', before", f"{result.accuracy_before:.3f}"),
         (f"exact match on '{task}', after QLoRA", f"{result.accuracy:.3f}"),

@@ -363,3 +363,22 @@ def test_demo_prints_its_table_and_writes_the_figure(tmp_path, capsys):
     for needle in ("trainable parameters", "bits per weight", "MiB", "before", "after QLoRA"):
         assert needle in printed
     assert out["figure"].exists() and out["figure"].stat().st_size > 1000
+
+
+def test_memory_py_predicts_the_quantized_model_bytes():
+    from pedaPEFT import memory
+
+    model = gpt.GPT(TINY)
+    n_params = gpt.count_parameters(TINY)
+    qlora.prepare_qlora(model)
+    quantized = sum(m.in_features * m.out_features for m in model.modules()
+                    if isinstance(m, qlora.QuantLinear))
+    trainable, _ = lora.count_parameters(model)
+    predicted = memory.finetune_memory(n_params, "qlora", trainable=trainable, quantized=quantized,
+                                       base_bits=qlora.base_bits_per_parameter(model))
+    assert predicted.weights == pytest.approx(qlora.model_bytes(model), rel=1e-12)
+    naive = memory.finetune_memory(n_params, "qlora", trainable=trainable,
+                                   base_bits=qlora.base_bits_per_parameter(model))
+    assert naive.weights < predicted.weights  # every parameter quantized: too optimistic
+    with pytest.raises(ValueError, match="quantized must be an integer in"):
+        memory.finetune_memory(10, "qlora", trainable=1, quantized=11)
