@@ -292,12 +292,16 @@ print(f"everything bf16 (memory.py precision='bf16'): "
       f"{per_param.static:.0f} bytes x 48 M = {per_param.static * 48e6 / 1e9:.3f} GB")
 print(f"lecture's total: 4 + 0.408 = {4 + 0.408:.3f} GB (the slide says 'around 4.1 GB')")
 print(f"a 16-bit copy of the model: {2 * n_llama / 1e9:.2f} GB (the slide says 'at most 14 GB')")
+print(f"the paper's 65B example, '>780 GB' -> '<48 GB': at least {780 / 48:.2f} x "
+      f"(the summary slide says '17x smaller')")
 
 # %% [markdown]
 # So the lecture's 0.408 GB is its own arithmetic done right on a wrong per-parameter count
 # (0.576 GB with fp32 moments, 0.384 GB if everything, moments included, were bf16); its
 # 4.1 GB total does not even add its own numbers (4.408); and "at most 14 GB" for a 16-bit
-# LLaMA-3-8B is impossible, since the weights alone are 16.06 GB. What dominates a real QLoRA
+# LLaMA-3-8B is impossible, since the weights alone are 16.06 GB. The summary slide's "17x
+# smaller memory footprint" is not in the paper either: its 65B numbers, more than 780 GB
+# against less than 48 GB, say "more than 16 ×". What dominates a real QLoRA
 # training step is none of these: on the H200, one step at batch 1 × 2048 tokens without
 # activation checkpointing peaked at 20.7 GB, about 70 % of it activations and the
 # 2048 × 128,256 logits (`benchmarks/qlora_gpu.md`).
