@@ -162,7 +162,30 @@ def execute(notebook: nbformat.NotebookNode, cwd: Path, allow_errors: bool = Fal
     executed = client.execute()
     for cell in executed.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = coalesce_streams(cell.outputs)
     return executed
+
+
+def coalesce_streams(outputs: list) -> list:
+    """Merge consecutive stream outputs of the same name, as Jupyter shows them.
+
+    How a kernel splits one ``print`` into messages depends on timing; merging makes a rebuilt
+    notebook byte-identical to the last build when nothing changed.
+    """
+    merged: list = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (
+            previous is not None
+            and output.output_type == "stream"
+            and previous.output_type == "stream"
+            and previous.name == output.name
+        ):
+            previous.text += output.text
+        else:
+            merged.append(output)
+    return merged
 
 
 def stderr_cells(notebook: nbformat.NotebookNode) -> list[int]:
