@@ -373,3 +373,25 @@ def test_prepare_lora_is_apply_lora_with_keywords():
     assert lora.prepare_lora(model, r=3, alpha=6, targets=["fc"]) is model
     assert model.fc.r == 3 and model.fc.scaling == 2.0
     assert lora.count_parameters(model)[0] == 3 * (12 + 20)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected_trainable"),
+    [
+        (["--method", "lora", "--r", "2", "--alpha", "4", "--targets", "q,v"], "lora"),
+        (["--method", "adapter", "--bottleneck", "4"], "adapter"),
+    ],
+)
+def test_finetune_command_methods(arguments, expected_trainable, capsys):
+    from pedaPEFT import adapters, gpt
+    from pedaPEFT.__main__ import main
+
+    config = gpt.GPTConfig.preset("tiny")
+    d, layers = config.n_embd, config.n_layer
+    trainable = {
+        "lora": 2 * layers * 2 * (d + d),
+        "adapter": 2 * layers * adapters.bottleneck_param_count(d, 4),
+    }[expected_trainable]
+    command = ["finetune", "--task", "shift", "--steps", "2", "--n-train", "64", "--no-progress"]
+    assert main(command + arguments) == 0
+    assert f"method {expected_trainable}: trainable {trainable:,} of" in capsys.readouterr().out
