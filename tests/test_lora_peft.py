@@ -185,6 +185,23 @@ def test_peft_loads_our_adapter(tmp_path):
     assert max_diff(ours.eval()(x), theirs.eval()(x)) <= 1e-6
 
 
+def test_peft_loads_our_gpt_adapter(tmp_path):
+    gpt = pytest.importorskip("pedaPEFT.gpt")
+    torch.manual_seed(0)
+    base = gpt.GPT(gpt.GPTConfig.preset("tiny"))
+    ours = copy.deepcopy(base)
+    lora.apply_lora(ours, lora.LoRAConfig(r=4, alpha=8, target_modules=("q", "k", "v", "o")))
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for layer in lora.lora_layers(ours).values():
+            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=generator))
+    lora.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    idx = torch.randint(0, base.config.vocab_size, (2, base.config.block_size))
+    assert max_diff(ours.eval()(idx), theirs.eval()(idx)) <= 1e-6
+    assert lora.count_parameters(ours)[1] == theirs.get_nb_trainable_parameters()[1]
+
+
 def test_we_load_peft_adapter(tmp_path):
     torch.manual_seed(0)
     base = TinyMLP()
