@@ -310,6 +310,23 @@ for optimizer in ("adamw", "adamw8bit"):
 #   about 5 GB per GPU for activations; two with 8-bit Adam.
 # * "takes 128GB of RAM": GPU memory, and only its static part.
 #
+# ### The model sizes of the opening slides
+#
+# The lecture motivates PEFT with "GPT-3 having 175 billion parameters" (right: Brown et al.,
+# 2020) and "Google's PaLM surpassing the trillion-parameter mark". PaLM has **540 billion**
+# parameters (Chowdhery et al., 2022); the models of that time with over a trillion parameters
+# were sparse mixtures of experts (Switch-C, 1.6 trillion; GLaM, 1.2 trillion), of which only a
+# small part runs for each token. Even so, the accounting above makes the point the slide wants:
+
+# %%
+for name, n_params in (("GPT-3", 175e9), ("PaLM", 540e9)):
+    weights = memory.finetune_memory(int(n_params), precision="bf16").weights
+    full = memory.finetune_memory(int(n_params), precision="mixed").static
+    print(f"{name:>5}: {n_params / 1e9:.0f}B parameters, {weights / memory.GB:,.0f} GB of bf16 "
+          f"weights, {full / memory.GB:,.0f} GB to fine-tune in mixed precision "
+          f"({full / a40:.0f} A40s of static state)")
+
+# %% [markdown]
 # ## Exercises
 
 # %% [markdown]

@@ -337,6 +337,31 @@ print(f"re-quantizing the merged weights: relative error {mean['rel_error']:.3f}
 # re-quantized merge is a different model, which is why QLoRA ships the 4-bit base and the
 # small adapter separately (`qlora.save_quantized`, `qlora.save_adapter`) or merges into
 # a 16-bit model.
+#
+# ## 9. The lecture's hyperparameter slide
+#
+# The slide "QLoRA Hyperparameter settings" makes five statements; each against its source:
+#
+# * *Scale multiplier = Alpha / Rank.* Right, as in `lora.LoRALinear` (lesson 5).
+# * *"QLoRA went with 1/4 of Rank (alpha = 16, r = 64)".* Right: the paper's LLaMA runs and its
+#   released scripts use $r = 64$, $\alpha = 16$, so $s = 0.25$ (computed below).
+# * *"Microsoft LoRA repository sets [alpha] to 2 × Rank".* No single rule there: the LoRA
+#   paper's GPT-2 runs use $r = 4$, $\alpha = 32$ ($s = 8$), its DeBERTa XXL runs $r = 8$,
+#   $\alpha = 8$ ($s = 1$), and the paper itself sets $\alpha$ to the first $r$ it tries and
+#   does not tune it.
+# * *"Dropout … 0.1 for 7B-13B, 0.05 for 33B-65B models".* Right for the paper's hyperparameter
+#   list and its released scripts (0.1 for 7B, 0.05 for 65B); its appendix text instead finds
+#   0.05 "useful for small models (7B, 13B), but not for larger models", so the paper is not
+#   consistent with itself here.
+# * *"Rank may not matter from 8 to 256"* and *"training all layers … is necessary"*: the
+#   paper's words are that $r$ "is unrelated to final performance if LoRA is used on all
+#   layers", and that LoRA on query and value only does not match full fine-tuning — which is
+#   what section 6 showed on the tiny GPT (q, v only fails on `reverse`).
+
+# %%
+for source, r, alpha in (("QLoRA, LLaMA runs", 64, 16), ("LoRA paper, GPT-2", 4, 32),
+                         ("LoRA paper, DeBERTa XXL", 8, 8)):
+    print(f"{source:<24} r={r:<3} alpha={alpha:<3} scale alpha/r = {alpha / r:g}")
 
 # %% [markdown]
 # ## Exercises
