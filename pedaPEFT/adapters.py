@@ -168,6 +168,24 @@ def no_match_message(argument: str, targets: tuple[str, ...], model: nn.Module) 
     )
 
 
+def find_targets(
+    model: nn.Module, targets: tuple[str, ...], argument: str
+) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module matching ``targets`` by PEFT's rule, in model order.
+
+    Raises ``ValueError`` naming ``argument`` and listing the model's Linear layers when nothing
+    matches.
+    """
+    matches = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and name_matches(name, targets)
+    ]
+    if not matches:
+        raise ValueError(no_match_message(argument, targets, model))
+    return matches
+
+
 def add_adapters(
     model: nn.Module,
     bottleneck: int,
@@ -186,13 +204,7 @@ def add_adapters(
     """
     targets = _check_targets(targets)
     _check_positive_int(bottleneck, "bottleneck")
-    matches = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and name_matches(name, targets)
-    ]
-    if not matches:
-        raise ValueError(no_match_message("targets", targets, model))
+    matches = find_targets(model, targets, "targets")
     for name, module in matches:
         if isinstance(module, WithAdapter) or name.endswith(".base_layer"):
             raise ValueError(f"targets: module {name!r} already has an adapter")

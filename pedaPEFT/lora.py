@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pedaPEFT.adapters import name_matches, no_match_message
+from pedaPEFT.adapters import find_targets, name_matches
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -211,13 +211,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     targets = config.target_modules
-    matches = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and name_matches(name, targets)
-    ]
-    if not matches:
-        raise ValueError(no_match_message("target_modules", targets, model))
+    matches = find_targets(model, targets, "target_modules")
     for name, module in matches:
         if isinstance(module, LoRALinear) or name.endswith(".base_layer"):
             raise ValueError(

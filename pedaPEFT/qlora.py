@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pedaPEFT import kernels, lora, quant
-from pedaPEFT.adapters import name_matches, no_match_message
+from pedaPEFT.adapters import find_targets
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -475,13 +475,7 @@ def quantize_model(
     if not isinstance(config, lora.LoRAConfig):
         raise TypeError(f"config must be a lora.LoRAConfig, got {type(config).__name__}")
     _check_quant_type(quant_type)
-    matches = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and name_matches(name, config.target_modules)
-    ]
-    if not matches:
-        raise ValueError(no_match_message("target_modules", config.target_modules, model))
+    matches = find_targets(model, config.target_modules, "target_modules")
     for name, module in matches:
         if isinstance(module, QLoRALinear | lora.LoRALinear) or name.endswith(".base_layer"):
             raise ValueError(f"target_modules: {name!r} already has an adapter")
