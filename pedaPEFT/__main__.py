@@ -89,15 +89,18 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import adapters, gpt, lora, train
+    from pedaPEFT import adapters, gpt, lora, qlora, train
 
     train.register_method("lora", lora.prepare_lora)
     train.register_method("adapter", adapters.prepare_adapters)
     options = {}
-    if args.method == "lora":
-        targets = [name.strip() for name in args.targets.split(",") if name.strip()]
-        options = {"r": args.r, "alpha": args.alpha, "targets": targets,
+    if args.method in ("lora", "qlora"):
+        default_targets = "q,v" if args.method == "lora" else ",".join(qlora.ALL_LINEAR)
+        targets = [name.strip() for name in (args.targets or default_targets).split(",")]
+        options = {"r": args.r, "alpha": args.alpha, "targets": [t for t in targets if t],
                    "dropout": args.lora_dropout}
+        if args.method == "qlora":
+            options["quant_type"] = args.quant_type
     elif args.method == "adapter":
         options = {"bottleneck": args.bottleneck}
     torch.set_num_threads(args.threads)
@@ -214,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--task", required=True,
                           help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS)")
     finetune.add_argument("--method", default="full",
-                          help="full (default), top, feature, lora or adapter")
+                          help="full (default), top, feature, lora, adapter or qlora")
     finetune.add_argument("--base", default="tiny", help="shipped base (default tiny)")
     finetune.add_argument("--steps", type=int, default=None,
                           help="training steps (default: train.FINETUNE_CONFIG's)")
@@ -223,8 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--n-train", type=int, default=2048, help="training examples")
     finetune.add_argument("--r", type=int, default=8, help="LoRA rank (--method lora)")
     finetune.add_argument("--alpha", type=float, default=16, help="LoRA alpha (--method lora)")
-    finetune.add_argument("--targets", default="q,v",
-                          help="LoRA target modules, comma-separated (--method lora)")
+    finetune.add_argument("--targets", default=None,
+                          help="LoRA target modules, comma-separated (--method lora: default "
+                               "q,v; --method qlora: every linear layer of the blocks)")
+    finetune.add_argument("--quant-type", default="nf4",
+                          help="frozen base format for --method qlora: nf4, fp4 or int8")
     finetune.add_argument("--lora-dropout", type=float, default=0.0,
                           help="dropout on the LoRA branch (--method lora)")
     finetune.add_argument("--bottleneck", type=int, default=16,

@@ -355,7 +355,11 @@ FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=64, lr=3e-3, warmup_steps=20
 
 @dataclass
 class FinetuneResult:
-    """Outcome of ``finetune``: counts, exact-match accuracy before and after, the run."""
+    """Outcome of ``finetune``: counts, exact-match accuracy before and after, the run.
+
+    ``total`` is the base model's parameter count (quantized weights included) plus the
+    parameters the method added; ``trainable`` is what the optimizer updates.
+    """
 
     task: str
     method: str
@@ -391,8 +395,12 @@ def finetune(
     train_set = data.task_data(task, "train", n_train, block)
     test_set = data.task_data(task, "test", data.TEST_SIZE, block)
     accuracy_before = data.exact_match(model, test_set)
+    base_ids = {id(p) for p in model.parameters()}
+    base_total = sum(p.numel() for p in model.parameters())
     model = METHODS[method](model, **(method_options or {}))
-    trainable, total = count_parameters(model)
+    trainable, _ = count_parameters(model)
+    # The base's parameters count even when a method stores them as quantized buffers.
+    total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
     run = train(
         model,
         lambda step: train_set.batch(step, config.batch_size),

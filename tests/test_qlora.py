@@ -357,6 +357,18 @@ def test_qlora_is_a_finetuning_method_and_table3_runs():
     assert summary[0]["n"] == 2 and summary[0]["mean"] == pytest.approx((row["accuracy"] + 1) / 2)
 
 
+def test_finetune_counts_the_quantized_base_in_the_total():
+    from dataclasses import replace
+
+    from pedaPEFT import train
+
+    model = gpt.GPT(TINY)
+    config = replace(train.FINETUNE_CONFIG, steps=1, progress=False, device="cpu")
+    result = train.finetune(model, "shift", "qlora", config, n_train=8)
+    assert result.trainable == lora.count_parameters(model)[0] > 0
+    assert result.total == gpt.count_parameters(TINY) + result.trainable
+
+
 def test_demo_prints_its_table_and_writes_the_figure(tmp_path, capsys):
     out = qlora.demo("shift", out_dir=tmp_path, progress=False, steps=2)
     printed = capsys.readouterr().out
