@@ -768,8 +768,8 @@ def demo(task: str = "shift", out_dir: str | os.PathLike = "runs", progress: boo
     compute_dtype = next(iter(qlora_layers(model).values())).compute_dtype
     rows = [
         ("device, compute dtype", f"{device.type}, {_dtype_name(compute_dtype)}"),
-        ("trainable parameters", f"{result.trainable:,} ({100 * result.trainable / n_base:.2f}% "
-                                 f"of {n_base:,})"),
+        ("trainable parameters", f"{result.trainable:,} of {result.total:,} "
+                                 f"({100 * result.trainable_fraction:.2f}%, as PEFT counts)"),
         ("storage of quantized weights", f"{base_bits_per_parameter(model):.3f} bits per weight"),
         ("model memory, dense fp32 -> QLoRA", f"{dense_bytes / 2**20:.2f} MiB -> "
                                               f"{quant_bytes / 2**20:.2f} MiB"),
