@@ -136,15 +136,18 @@ def _output_size(module: nn.Module, name: str) -> int:
     )
 
 
-def _check_targets(targets: object) -> tuple[str, ...]:
+def check_targets(
+    targets: object, argument: str = "targets", example: str = "('o', 'proj')"
+) -> tuple[str, ...]:
+    """``targets`` as a tuple of module names; a clear error naming ``argument`` otherwise."""
     if isinstance(targets, str) or not isinstance(targets, Iterable):
         raise TypeError(
-            "targets must be a list or tuple of module names such as ('o', 'proj'), "
+            f"{argument} must be a list or tuple of module names such as {example}, "
             f"got {targets!r}"
         )
     targets = tuple(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"targets must be a non-empty list of module names, got {targets!r}")
+        raise ValueError(f"{argument} must be a non-empty list of module names, got {targets!r}")
     return targets
 
 
@@ -202,7 +205,7 @@ def add_adapters(
 
     Returns the names of the wrapped modules, in ``model.named_modules()`` order.
     """
-    targets = _check_targets(targets)
+    targets = check_targets(targets)
     _check_positive_int(bottleneck, "bottleneck")
     matches = find_targets(model, targets, "targets")
     for name, module in matches:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pedaPEFT.adapters import find_targets, name_matches
+from pedaPEFT.adapters import check_targets, find_targets, name_matches
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -86,15 +86,7 @@ class LoRAConfig:
         _check_rank(self.r)
         _check_alpha(self.alpha)
         _check_dropout(self.dropout)
-        targets = self.target_modules
-        if isinstance(targets, str) or not isinstance(targets, Iterable):
-            raise TypeError(
-                "target_modules must be a list or tuple of module names such as ('q', 'v'), "
-                f"got {targets!r}"
-            )
-        targets = tuple(targets)
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(f"target_modules must be a non-empty list of names, got {targets!r}")
+        targets = check_targets(self.target_modules, "target_modules", "('q', 'v')")
         object.__setattr__(self, "target_modules", targets)
 
     @property
