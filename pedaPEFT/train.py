@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pedaPEFT import data
+from pedaPEFT.files import check_output_file
 from pedaPEFT.gpt import GPT, GPTConfig, untie_head
 from pedaPEFT.lora import count_parameters
 
@@ -65,22 +66,34 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0),
+                          ("eval_interval", 0), ("checkpoint_interval", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, low, high, allowed in (
+            ("lr", 0.0, math.inf, "a finite number > 0"),
+            ("min_lr_ratio", 0.0, 1.0, "a number in [0, 1]"),
+            ("weight_decay", 0.0, math.inf, "a finite number >= 0"),
+            ("beta1", 0.0, 1.0, "a number in [0, 1)"),
+            ("beta2", 0.0, 1.0, "a number in [0, 1)"),
+            ("grad_clip", 0.0, math.inf, "a finite number >= 0 (0 switches clipping off)"),
+        ):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and low <= value <= high
+            if name == "lr":
+                ok = ok and value > 0
+            if name.startswith("beta"):
+                ok = ok and value < 1
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.grad_clip < 0:
-            raise ValueError(
-                f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}"
-            )
+
+
+class TrainingDiverged(ValueError):
+    """The loss (or a weight) became NaN or inf: training stopped, no checkpoint was written."""
 
 
 @dataclass
@@ -206,6 +219,49 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def check_resumable(state: dict, model: nn.Module, config: TrainConfig,
+                    checkpoint: str | Path) -> None:
+    """Refuse to resume from a checkpoint of another model or another run's length.
+
+    The stored ``model_config`` must equal the model's, the tensor names and shapes must
+    match, and the stored step must lie in [0, config.steps]; ``ValueError`` names what differs.
+    """
+    where = str(checkpoint)
+    stored = state.get("model_config")
+    if isinstance(model, GPT) and stored is not None and stored != model.config.to_dict():
+        differ = sorted(k for k in set(stored) | set(model.config.to_dict())
+                        if stored.get(k) != model.config.to_dict().get(k))
+        raise ValueError(
+            f"checkpoint {where!r} is of another model: model_config differs in {differ} "
+            f"(checkpoint {[stored.get(k) for k in differ]}, "
+            f"model {[model.config.to_dict().get(k) for k in differ]})"
+        )
+    saved = state.get("model")
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {where!r}: key 'model' must be a state dict")
+    own = model.state_dict()
+    wrong = sorted(set(saved) ^ set(own)) + sorted(
+        k for k in set(saved) & set(own)
+        if not isinstance(saved[k], torch.Tensor) or saved[k].shape != own[k].shape
+    )
+    if wrong:
+        raise ValueError(f"checkpoint {where!r} does not fit the model: tensors {wrong[:5]} "
+                         "are missing, extra or of another shape")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= config.steps:
+        raise ValueError(f"checkpoint {where!r}: key 'step' must be an integer in "
+                         f"[0, config.steps={config.steps}], got {step!r}")
+
+
+def _check_finite_weights(trainable: list[torch.Tensor], step: int, lr: float) -> None:
+    """Raise ``TrainingDiverged`` if an update left a trainable weight NaN or inf."""
+    if not all(bool(torch.isfinite(p).all()) for p in trainable):
+        raise TrainingDiverged(
+            f"training diverged: a weight is NaN or inf after step {step} (lr={lr:.3g}); "
+            "no checkpoint was written; lower lr or use grad_clip"
+        )
+
+
 def _scored_loss(logits: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
     ce = F.cross_entropy(
         logits.float().view(-1, logits.shape[-1]), y.view(-1),
@@ -230,6 +286,12 @@ def train(
     on CPU. Under ``torchrun`` the model is wrapped in DistributedDataParallel and only
     rank 0 writes checkpoints.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint (the file to continue from)")
+    if checkpoint is not None:
+        check_output_file(checkpoint, "checkpoint")
     rank, world_size, device = distributed_setup(config.device)
     if config.batch_size % world_size:
         raise ValueError(
@@ -241,6 +303,7 @@ def train(
     result, start = TrainResult(), 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)
+        check_resumable(state, model, config, checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -273,16 +336,23 @@ def train(
         with autocast:
             logits = runner(x)
         loss = _scored_loss(logits, y, world_size / max(1, n_scored))
+        step_loss = loss.detach().clone()
+        if world_size > 1:
+            dist.all_reduce(step_loss)
+            step_loss /= world_size
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):  # stop before the update spoils the weights
+            raise TrainingDiverged(
+                f"training diverged: the loss of step {step + 1} is {loss_value} (lr={lr:.3g}); "
+                f"the model keeps the weights of step {step} and no checkpoint was written "
+                "since; lower lr or use grad_clip"
+            )
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = loss.detach()
-        if world_size > 1:
-            dist.all_reduce(step_loss)
-            step_loss /= world_size
-        result.losses.append(float(step_loss))
+        result.losses.append(loss_value)
         result.lrs.append(lr)
         bar.set_postfix(loss=f"{result.losses[-1]:.4f}", refresh=False)
         done = step + 1
@@ -295,8 +365,10 @@ def train(
         if checkpoint is not None and rank == 0 and (
             is_last or (config.checkpoint_interval and done % config.checkpoint_interval == 0)
         ):
+            _check_finite_weights(trainable, done, lr)
             save_checkpoint(checkpoint, model, optimizer, done, result, config)
     bar.close()
+    _check_finite_weights(trainable, config.steps, lr_at(config.steps - 1, config))
     result.seconds += time.perf_counter() - t0
     model.eval()
     return result

@@ -1,0 +1,125 @@
+"""Files the package writes: paths checked before any work, several files changed as one.
+
+A run that trains for minutes and then cannot write its result has lost those minutes, so
+every command checks where it will write first: :func:`check_output_file` for one file
+(a checkpoint, a results file), :func:`check_output_dir` for a folder.
+
+A saved model or adapter is several files (weights and their configuration) that only make
+sense together. :func:`write_files_atomically` replaces them as one change, so that an
+interrupted save leaves either every old file or every new one, never new weights with an
+old configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def check_output_dir(path: str | os.PathLike, argument: str = "out") -> Path:
+    """Create folder ``path`` if needed and check it is writable; returns it as a ``Path``.
+
+    Raises ``ValueError`` naming ``argument`` when ``path`` is an existing file, cannot be
+    created, or is not writable.
+    """
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{argument} must be a folder, but {str(directory)!r} is a file")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"{argument}: cannot create folder {str(directory)!r} ({error.strerror})"
+        ) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{argument}: folder {str(directory)!r} is not writable")
+    return directory
+
+
+def check_output_file(
+    path: str | os.PathLike, argument: str = "path", overwrite: bool = True
+) -> Path:
+    """Check that file ``path`` can be written (its folder is created); returns it as a ``Path``.
+
+    Raises ``ValueError`` naming ``argument`` when ``path`` is a folder, its folder cannot be
+    created or written, or (with ``overwrite=False``) the file already exists.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{argument} must name a file, but {str(path)!r} is a folder")
+    if path.exists() and not overwrite:
+        raise ValueError(
+            f"{argument}: {str(path)!r} exists; pass --force (overwrite=True) to replace it"
+        )
+    check_output_dir(path.parent, argument)
+    return path
+
+
+JOURNAL_NAME = ".pedapeft-commit.json"
+
+
+def write_files_atomically(writes: dict[Path, Callable[[str], object]]) -> list[Path]:
+    """Write several files of one folder as one atomic change: all old ones, or all new ones.
+
+    Each ``write(temporary_path)`` fills a temporary file in the target folder. Only when every
+    one has succeeded is a journal written (itself atomically) that lists the renames
+    temporary -> target; then the renames are done and the journal is removed. A crash before
+    the journal exists leaves every old file untouched; a crash after it leaves a journal that
+    :func:`finish_interrupted_write` (called by every loader) completes, so a reader never sees
+    new files mixed with old ones. Returns the target paths.
+    """
+    targets = [Path(path) for path in writes]
+    folders = {path.parent.resolve() for path in targets}
+    if len(folders) != 1:
+        raise ValueError(f"writes must all go into one folder, got {sorted(map(str, folders))}")
+    folder = check_output_dir(targets[0].parent, "path")
+    finish_interrupted_write(folder)
+    temporaries: list[str] = []
+    try:
+        for path, write in zip(targets, writes.values(), strict=True):
+            handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.",
+                                                 suffix=".tmp")
+            os.close(handle)
+            temporaries.append(temporary)
+            write(temporary)
+            os.chmod(temporary, 0o644)
+        renames = [[Path(t).name, p.name] for t, p in zip(temporaries, targets, strict=True)]
+        journal = folder / JOURNAL_NAME
+        _write_replace(journal, json.dumps(renames))
+    except BaseException:
+        for temporary in temporaries:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        raise
+    finish_interrupted_write(folder)
+    return targets
+
+
+def finish_interrupted_write(folder: str | os.PathLike) -> None:
+    """Complete the renames of a :func:`write_files_atomically` that was interrupted, if any."""
+    journal = Path(folder) / JOURNAL_NAME
+    if not journal.exists():
+        return
+    try:
+        renames = json.loads(journal.read_text())
+        for temporary, target in renames:
+            if (Path(folder) / temporary).exists():
+                os.replace(Path(folder) / temporary, Path(folder) / target)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"{str(journal)!r}: an interrupted save could not be completed ({error})"
+        ) from None
+    journal.unlink()
+
+
+def _write_replace(path: Path, text: str) -> None:
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
