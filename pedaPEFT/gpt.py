@@ -281,7 +281,8 @@ def load_pretrained(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR
     finish_interrupted_write(weights.parent)
     if not weights.exists():
         saved = sorted(p.stem for p in Path(directory).glob("*.safetensors"))
-        raise ValueError(f"preset must be one of the saved bases {saved}, got {preset!r}")
+        where = "shipped bases" if Path(directory) == PRETRAINED_DIR else f"bases in {directory}"
+        raise ValueError(f"preset must be one of the {where} {saved}, got {preset!r}")
     info = pretrained_info(preset, directory)
     model = GPT(_config_from_info(info, weights.with_suffix(".json")))
     try:
