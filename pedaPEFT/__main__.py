@@ -12,6 +12,7 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent.parent
 TASKS = ("shift", "reverse", "swap")  # pedaPEFT.data.TASKS (a test checks they agree)
 PRESETS = ("tiny", "small", "gpt2")  # pedaPEFT.gpt.PRESETS (a test checks they agree)
+SHIPPED_BASES = sorted(path.stem for path in (Path(__file__).parent / "weights").glob("*.json"))
 METHODS = ("full", "top", "feature", "lora", "adapter", "qlora")
 LINEAR_NAMES = ("q", "k", "v", "o", "fc", "proj")  # every nn.Linear of a GPT block
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -148,6 +149,8 @@ def command_pretrain(args: argparse.Namespace) -> int:
     out = files.check_output_dir(args.out, "--out")
     for path in gpt.pretrained_paths(args.preset, out):
         files.check_output_file(path, "--out", overwrite=args.force)
+    if args.checkpoint:
+        files.check_output_file(args.checkpoint, "--checkpoint")
     torch.set_num_threads(args.threads)
     config = replace(train.PRETRAIN_CONFIG, progress=not args.no_progress)
     if args.steps is not None:
@@ -169,7 +172,10 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import adapters, gpt, lora, qlora, train
+    from pedaPEFT import adapters, files, gpt, lora, qlora, train
+
+    if args.checkpoint:
+        files.check_output_file(args.checkpoint, "--checkpoint")
 
     train.register_method("lora", lora.prepare_lora)
     train.register_method("adapter", adapters.prepare_adapters)
@@ -301,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS)")
     finetune.add_argument("--method", default="full", choices=METHODS,
                           help="full (default), top, feature, lora, adapter or qlora")
-    finetune.add_argument("--base", default="tiny", help="shipped base (default tiny)")
+    finetune.add_argument("--base", default="tiny", choices=SHIPPED_BASES,
+                          help="shipped base (default tiny)")
     finetune.add_argument("--steps", type=positive_int, default=None,
                           help="training steps (default: train.FINETUNE_CONFIG's)")
     finetune.add_argument("--lr", type=positive_float, default=None,
