@@ -48,9 +48,22 @@ def encode(text: str) -> list[int]:
 
 def decode(ids: list[int] | torch.Tensor) -> str:
     """Inverse of ``encode``."""
+    return decode_with(ids, CHARS)
+
+
+def decode_with(ids: list[int] | torch.Tensor, chars: str) -> str:
+    """The characters ``chars[i]`` of ``ids``; every id must be an integer in [0, len(chars))."""
     if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"ids must hold integers, got a tensor of dtype {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"ids must be one sequence (1-D), got shape {tuple(ids.shape)}")
         ids = ids.tolist()
-    return "".join(CHARS[i] for i in ids)
+    ids = list(ids)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < len(chars):
+            raise ValueError(f"ids must be integers in [0, {len(chars)}), got {i!r}")
+    return "".join(chars[i] for i in ids)
 
 
 def _successor(c: str) -> str:
@@ -243,9 +256,7 @@ class TextCorpus:
         return [stoi[c] for c in text]
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return "".join(self.chars[i] for i in ids)
+        return decode_with(ids, self.chars)
 
     def batch(
         self, step: int, batch_size: int, block_size: int, split: str = "train", seed: int = 0
