@@ -57,6 +57,8 @@ from functools import cache, lru_cache
 import numpy as np
 import torch
 
+from pedaPEFT.kernels import check_4bit_layout
+
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -553,29 +555,21 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
 
 
 def _check_state(state: QuantState) -> None:
+    """Check a QuantState's fields against each other (``kernels.check_4bit_layout``)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
-    n = state.numel
-    if state.packed.numel() != (n + 1) // 2:
-        raise ValueError(
-            f"state.packed has {state.packed.numel()} bytes but shape {tuple(state.shape)} "
-            f"needs ceil({n}/2) = {(n + 1) // 2}"
-        )
-    n_blocks = -(-n // state.blocksize)
-    if state.absmax.numel() != n_blocks:
-        raise ValueError(
-            f"state.absmax has {state.absmax.numel()} entries but {n} elements in blocks of "
-            f"{state.blocksize} need {n_blocks}"
-        )
-    if state.code.numel() != 16:
-        raise ValueError(f"state.code must have 16 entries, got {state.code.numel()}")
-    if state.double_quant:
-        n_nested = -(-n_blocks // state.dq_blocksize)
-        if state.nested_absmax.numel() != n_nested or state.absmax.dtype != torch.uint8:
-            raise ValueError(
-                f"double-quantized state needs uint8 absmax codes and {n_nested} nested_absmax "
-                f"entries, got {state.absmax.dtype} and {state.nested_absmax.numel()}"
-            )
+    _check_quant_type(state.quant_type)
+    _check_blocksize(state.blocksize, "state.blocksize")
+    if state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"state.dtype must be float32, bfloat16 or float16, got {state.dtype}")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in state.shape):
+        raise ValueError(f"state.shape must hold integers >= 0, got {tuple(state.shape)}")
+    try:
+        check_4bit_layout(state.packed.reshape(-1), state.absmax, state.code,
+                          state.nested_absmax, state.nested_code, state.offset, state.numel,
+                          state.blocksize, state.dq_blocksize)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"state: {error}") from None
 
 
 @lru_cache(maxsize=16)
