@@ -45,6 +45,8 @@ footprint (weights + gradients + activations + device states) against a capacity
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -58,6 +60,9 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 DEFAULT_PAGE_BYTES = 8 * 1024 * 1024
 STAGING_PAGES = 4  # two slots (double buffering) × two moments
 PAGE_ALIGN = 8  # bytes; a page holds a whole number of elements of every float dtype
+# Below this a page costs more in Python and launches than it moves (a warning says so):
+# 256 bytes of budget would give 8-byte pages and a step thousands of times slower than AdamW.
+MIN_SENSIBLE_PAGE_BYTES = 4096
 
 
 def adamw_update(
@@ -127,6 +132,25 @@ class _Page:
     stop: int
 
 
+def check_hyperparameters(lr: object, betas: object, eps: object, weight_decay: object,
+                          where: str = "") -> None:
+    """``torch.optim.AdamW``'s checks, NaN and inf refused as well; ``ValueError`` names the
+    hyperparameter (prefixed by ``where``, e.g. the parameter group of a state dict)."""
+    def real(value: object) -> bool:
+        return isinstance(value, float | int) and not isinstance(value, bool) and (
+            math.isfinite(value))
+
+    if not (real(lr) and lr >= 0):
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r}")
+    if not (isinstance(betas, tuple | list) and len(betas) == 2
+            and all(real(beta) and 0.0 <= beta < 1.0 for beta in betas)):
+        raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
+    if not (real(eps) and eps >= 0):
+        raise ValueError(f"{where}eps must be a finite number >= 0, got {eps!r}")
+    if not (real(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got {weight_decay!r}")
+
+
 def _check_positive_int(value: object, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer number of bytes, got {value!r}")
@@ -164,14 +188,7 @@ class PagedAdamW(torch.optim.Optimizer):
         device: torch.device | str | None = None,
         page_bytes: int | None = None,
     ) -> None:
-        if not isinstance(lr, float | int) or isinstance(lr, bool) or lr < 0:
-            raise ValueError(f"lr must be a non-negative float, got {lr!r}")
-        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
-        if eps < 0:
-            raise ValueError(f"eps must be non-negative, got {eps!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+        check_hyperparameters(lr, betas, eps, weight_decay)
         if amsgrad:
             raise ValueError("amsgrad must be False: PagedAdamW implements AdamW without AMSGrad")
         self._budget_bytes = _check_positive_int(budget_bytes, "budget_bytes")
@@ -228,8 +245,16 @@ class PagedAdamW(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
+        merged = {**self.defaults, **param_group}
+        check_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
+                              merged["weight_decay"], "param group: ")
         offset = len(self._all_params())
+        seen = {id(param) for param in self._all_params()}
         for index, param in enumerate(params, start=offset):
+            if id(param) in seen:
+                raise ValueError(f"params[{index}] appears twice: every parameter must be listed "
+                                 "once (it would be updated twice per step)")
+            seen.add(id(param))
             if not isinstance(param, Tensor):
                 raise TypeError(f"params[{index}] must be a tensor, got {type(param).__name__}")
             if not param.is_floating_point():
@@ -252,6 +277,16 @@ class PagedAdamW(torch.optim.Optimizer):
         if sum(state_bytes(param) for param in params) <= self._budget_bytes:
             return set(), 0
         staging = STAGING_PAGES * self.page_bytes
+        if self._page_bytes_arg is None and PAGE_ALIGN <= self.page_bytes < (
+            MIN_SENSIBLE_PAGE_BYTES
+        ):
+            warnings.warn(
+                f"budget_bytes={self._budget_bytes} gives pages of {self.page_bytes} bytes "
+                f"(budget_bytes // 32): paging in pages below {MIN_SENSIBLE_PAGE_BYTES} bytes is "
+                "very slow; raise budget_bytes to at least "
+                f"{32 * MIN_SENSIBLE_PAGE_BYTES} or pass page_bytes",
+                stacklevel=4,
+            )
         if self.page_bytes < PAGE_ALIGN:
             raise ValueError(
                 f"budget_bytes={self._budget_bytes} is too small to page: the default page is "
@@ -497,7 +532,24 @@ class PagedAdamW(torch.optim.Optimizer):
                 f"state_dict must come from PagedAdamW.state_dict() (tag {OPTIMIZER_TAG!r}), "
                 f"got tag {found!r}: a state dict of another optimizer cannot be loaded"
             )
-        groups = state_dict["param_groups"]
+        groups, states = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+        ) or not isinstance(states, dict):
+            raise ValueError("state_dict must hold 'param_groups' (a list of dicts with "
+                             "'params') and 'state' (a dict)")
+        indexes = [index for saved in groups for index in saved["params"]]
+        if len(set(indexes)) != len(indexes) or not set(states) <= set(indexes):
+            unknown = sorted(map(repr, set(states) - set(indexes)))
+            raise ValueError(f"state_dict's 'state' keys must be the parameter indexes of its "
+                             f"param_groups ({len(indexes)}, each once), got unknown keys "
+                             f"{unknown[:5]}")
+        for number, saved in enumerate(groups):
+            missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in saved]
+            if missing:
+                raise ValueError(f"state_dict param_groups[{number}] lacks {missing}")
+            check_hyperparameters(saved["lr"], saved["betas"], saved["eps"],
+                                  saved["weight_decay"], f"state_dict param_groups[{number}]: ")
         if len(groups) != len(self.param_groups) or any(
             len(saved["params"]) != len(group["params"])
             for saved, group in zip(groups, self.param_groups, strict=True)
@@ -507,25 +559,42 @@ class PagedAdamW(torch.optim.Optimizer):
                 "optimizer"
             )
         self._wait_for_copies()
+        loaded: dict[Tensor, dict[str, Tensor]] = {}  # checked in full before anything changes
         for saved, group in zip(groups, self.param_groups, strict=True):
-            for key in ("lr", "betas", "eps", "weight_decay"):
-                group[key] = tuple(saved[key]) if key == "betas" else saved[key]
             for index, param in zip(saved["params"], group["params"], strict=True):
-                self.state.pop(param, None)
-                if index not in state_dict["state"]:
+                if index not in states:
                     continue
-                values = state_dict["state"][index]
+                values = states[index]
+                if not isinstance(values, dict):
+                    raise ValueError(f"state of parameter {index} must be a dict")
                 if set(values) != set(STATE_KEYS):
                     raise ValueError(
                         f"state of parameter {index} has keys {sorted(values)}, "
                         f"expected {sorted(STATE_KEYS)}"
                     )
+                step = values["step"]
+                step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
+                if not (isinstance(step, int | float) and math.isfinite(step) and step >= 0):
+                    raise ValueError(f"state 'step' of parameter {index} must be a number >= 0, "
+                                     f"got {step!r}")
                 for key in ("exp_avg", "exp_avg_sq"):
+                    if not isinstance(values[key], Tensor) or not values[key].is_floating_point():
+                        raise ValueError(f"state {key!r} of parameter {index} must be a float "
+                                         "tensor")
                     if values[key].shape != param.shape:
                         raise ValueError(
                             f"state {key!r} of parameter {index} has shape "
                             f"{tuple(values[key].shape)}, the parameter {tuple(param.shape)}"
                         )
+                loaded[param] = values
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            for key in ("lr", "betas", "eps", "weight_decay"):
+                group[key] = tuple(saved[key]) if key == "betas" else saved[key]
+            for param in group["params"]:
+                self.state.pop(param, None)
+                if param not in loaded:
+                    continue
+                values = loaded[param]
                 state = self._new_state(param)
                 state["step"].copy_(torch.as_tensor(values["step"], dtype=torch.float32))
                 state["exp_avg"].copy_(values["exp_avg"])
