@@ -298,6 +298,12 @@ def train(
             f"batch_size must be divisible by the number of processes ({world_size}), "
             f"got {config.batch_size}"
         )
+    merged = [name for name, module in model.named_modules() if getattr(module, "merged", False)]
+    if merged:
+        raise ValueError(
+            f"model: layers {merged[:4]} are merged (their adapter is folded into the weight "
+            "and gets no gradient); unmerge them before training"
+        )
     model.to(device)
     optimizer = make_optimizer(model, config)
     result, start = TrainResult(), 0
