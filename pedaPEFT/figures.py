@@ -7,13 +7,13 @@ functions to show the figures, so a figure in ``figures/`` is exactly what the l
 """
 
 import functools
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
+
+from pedaPEFT.files import atomic_write
 
 FigureFunction = Callable[[], Figure]
 FIGURES: dict[str, FigureFunction] = {}
@@ -45,16 +45,7 @@ def register(name: str) -> Callable[[FigureFunction], FigureFunction]:
 
 def save_figure(figure: Figure, path: Path) -> None:
     """Write ``figure`` as a PNG atomically, without a timestamp or software tag in the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    os.chmod(temporary, 0o644)
-    try:
-        figure.savefig(temporary, format="png", metadata={"Software": None})
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", metadata={"Software": None}))
 
 
 def write_figures(out_dir: Path, names: list[str] | None = None) -> list[Path]:
@@ -647,11 +638,11 @@ def qlora_table3(results: dict | None = None) -> Figure:
     dot and the mean ± standard deviation a bar (``figures/data/qlora_table3.json``)."""
     import json
 
-    from pedaPEFT import qlora
+    from pedaPEFT import experiments
 
     if results is None:
-        results = json.loads(qlora.table3_results_path().read_text())
-    summary = qlora.table3_summary(results)
+        results = json.loads(experiments.table3_results_path().read_text())
+    summary = experiments.table3_summary(results)
     figure = Figure(figsize=(8, 3.8))
     ax = figure.subplots()
     colors = {"full": "C7", "lora": "C1", "qlora": "C0"}

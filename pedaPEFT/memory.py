@@ -219,10 +219,10 @@ def gpt_step_peak_bytes(config, batch_size: int, seq_len: int | None = None,
     gradients but few activations.) Precision ``"fp32"`` or ``"amp"``: float32 weights and
     AdamW states either way.
     """
-    from pedaPEFT.gpt import count_parameters
+    from pedaPEFT.gpt import parameter_count
 
     T = config.block_size if seq_len is None else seq_len
-    n_params = count_parameters(config)
+    n_params = parameter_count(config)
     # Parameter tensors: wte, wpe, (lm_head if untied), 16 per block (6 Linear weights and
     # biases, 2 LayerNorms with two each), the final LayerNorm's two.
     n_tensors = 2 + (0 if config.tie_embeddings else 1) + 16 * config.n_layer + 2

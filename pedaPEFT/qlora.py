@@ -27,27 +27,19 @@ with; pass ``torch.bfloat16`` explicitly to get them anyway). The chosen dtype i
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pedaPEFT import kernels, lora, quant
-from pedaPEFT.adapters import find_targets
+from pedaPEFT.gpt import ALL_LINEAR
+from pedaPEFT.targets import find_targets
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-MODEL_WEIGHTS_NAME = "qlora_model.safetensors"
-ADAPTER_WEIGHTS_NAME = "qlora_adapter.safetensors"
-FORMAT_KEY = "pedapeft_qlora"
 
 
 class BaseFormat(NamedTuple):
@@ -453,12 +445,6 @@ def qlora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def quantize_model(
     model: nn.Module,
     config: lora.LoRAConfig,
@@ -487,8 +473,7 @@ def quantize_model(
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in matches:
-        _set_submodule(
-            model,
+        model.set_submodule(
             name,
             QLoRALinear.from_linear(
                 module,
@@ -510,7 +495,7 @@ def merge_qlora(model: nn.Module, requantize: bool = False) -> nn.Module:
     if not layers:
         raise ValueError("model has no QLoRALinear layers to merge")
     for name, layer in layers.items():
-        _set_submodule(model, name, layer.merge(requantize=requantize))
+        model.set_submodule(name, layer.merge(requantize=requantize))
     return model
 
 
@@ -533,171 +518,7 @@ def requantization_error(layer: QLoRALinear) -> dict[str, float]:
     }
 
 
-def _formats(model: nn.Module) -> dict[str, dict[str, object]]:
-    layers = qlora_layers(model)
-    if not layers:
-        raise ValueError("model has no QLoRALinear layers (call quantize_model first)")
-    return {
-        name: {
-            "base": layer.base_layer.fmt.to_json(),
-            "bias": layer.base_layer.bias is not None,
-            "r": layer.r,
-            "alpha": layer.alpha,
-            "dropout": layer.dropout_p,
-            "rslora": layer.rslora,
-        }
-        for name, layer in layers.items()
-    }
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"format": "pt", FORMAT_KEY: json.dumps(meta, sort_keys=True)}
-    lora._atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _read_meta(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"path: {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get(FORMAT_KEY)
-    if meta is None:
-        raise ValueError(f"path: {path} was not written by pedaPEFT.qlora (no {FORMAT_KEY} entry)")
-    return json.loads(meta)
-
-
-def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the whole quantized model with its adapters to ``path/qlora_model.safetensors``.
-
-    Every tensor of ``model.state_dict()`` is saved (packed codes and scales, not dense
-    weights, for the quantized layers; tied tensors once) with each QLoRA layer's format, so
-    :func:`load_quantized` can rebuild the layers on a freshly built dense model.
-    """
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    formats = _formats(model)
-    tensors, seen = {}, {}
-    for key, value in model.state_dict().items():
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape)
-        if value.numel() and ident in seen:
-            continue  # a tied tensor (e.g. the head sharing the embedding) is stored once
-        seen[ident] = key
-        tensors[key] = value
-    file = directory / MODEL_WEIGHTS_NAME
-    _write_safetensors(file, tensors, {"layers": formats})
-    return file
-
-
-def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by :func:`save_quantized` on ``model``, a dense model of the same
-    architecture (e.g. a fresh ``gpt.GPT(config)``). In place; returns ``model``.
-
-    Raises ``ValueError`` when the file's layers do not exist in ``model`` or its tensors do
-    not match the rebuilt model (missing or unexpected keys, wrong shapes).
-    """
-    file = Path(path) / MODEL_WEIGHTS_NAME
-    meta = _read_meta(file)
-    device = next(iter(model.parameters())).device
-    for name, spec in meta["layers"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"path: layer {name!r} of {file} does not exist in model") from None
-        if type(module) is not nn.Linear:
-            raise ValueError(f"path: layer {name!r} of the model is a {type(module).__name__}, "
-                             "not the nn.Linear the file quantized")
-        base = QuantLinear(BaseFormat.from_json(spec["base"]), spec["bias"], device=device)
-        _set_submodule(
-            model, name, QLoRALinear(base, spec["r"], spec["alpha"], spec["dropout"],
-                                     spec["rslora"])
-        )
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for layer in qlora_layers(model).values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-    state = load_file(str(file), device=str(device))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _is_tied(model, k, state)]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"path: {file} does not match the model; missing keys: {missing[:6]}; "
-            f"unexpected keys: {unexpected[:6]}; wrong shapes: {wrong[:6]}"
-        )
-    model.load_state_dict(state, strict=False)
-    return model
-
-
-def _is_tied(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
-    """Whether ``key`` names a tensor that shares storage with one present in ``state``."""
-    own = model.state_dict()
-    target = own[key]
-    return any(
-        k in state and v.data_ptr() == target.data_ptr() and v.shape == target.shape
-        for k, v in own.items()
-        if k != key
-    )
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write only the LoRA tensors (``<name>.lora_A``/``lora_B``) and each base's format."""
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    formats = _formats(model)
-    tensors = {}
-    for name, layer in qlora_layers(model).items():
-        tensors[f"{name}.lora_A"] = layer.lora_A
-        tensors[f"{name}.lora_B"] = layer.lora_B
-    file = directory / ADAPTER_WEIGHTS_NAME
-    _write_safetensors(file, tensors, {"layers": formats})
-    return file
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load an adapter written by :func:`save_adapter` into a model already quantized.
-
-    The adapter must have been trained on a base of the same format: a different
-    ``quant_type``, blocksize, double quantization or shape raises ``ValueError`` (the LoRA
-    update learned the errors of one quantization and does not transfer to another), as do
-    layers missing on either side and a different ``r``.
-    """
-    file = Path(path) / ADAPTER_WEIGHTS_NAME
-    meta = _read_meta(file)["layers"]
-    layers = qlora_layers(model)
-    if set(meta) != set(layers):
-        raise ValueError(
-            f"path: adapter layers {sorted(meta)[:6]} do not match the model's QLoRA layers "
-            f"{sorted(layers)[:6]}"
-        )
-    for name, layer in layers.items():
-        saved = BaseFormat.from_json(meta[name]["base"])
-        ours = layer.base_layer.fmt
-        for field in ("quant_type", "blocksize", "double_quant", "out_features", "in_features"):
-            if getattr(saved, field) != getattr(ours, field):
-                raise ValueError(
-                    f"path: adapter for {name!r} was trained on a base with {field}="
-                    f"{getattr(saved, field)!r}, but the model's base has {field}="
-                    f"{getattr(ours, field)!r}; quantize the model the same way first"
-                )
-        if meta[name]["r"] != layer.r:
-            raise ValueError(
-                f"path: adapter for {name!r} has r={meta[name]['r']}, the model's has r={layer.r}"
-            )
-    state = load_file(str(file))
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.lora_A.copy_(state[f"{name}.lora_A"])
-            layer.lora_B.copy_(state[f"{name}.lora_B"])
-    return list(layers)
-
-
 # --------------------------------------------------------------------------- fine-tuning method
-
-ALL_LINEAR = ("q", "k", "v", "o", "fc", "proj")
-
 
 def prepare_qlora(
     model: nn.Module,
@@ -733,168 +554,3 @@ def base_bits_per_parameter(model: nn.Module) -> float:
         raise ValueError("model has no quantized layers")
     weights = sum(m.in_features * m.out_features for m in layers)
     return 8 * sum(m.weight_bytes() for m in layers) / weights
-
-
-def demo(task: str = "shift", out_dir: str | os.PathLike = "runs", progress: bool = True,
-         steps: int | None = None) -> dict:
-    """The course in one run: the shipped tiny GPT base, quantized to NF4 with double
-    quantization, fine-tuned with QLoRA (r = 8, α = 16, all linear layers) on ``task``.
-
-    Prints a table (trainable parameters and share, storage bits per weight, memory,
-    exact-match accuracy before and after), writes ``<out_dir>/qlora_demo.png`` and returns the
-    numbers. Uses the GPU when there is one (bf16 compute), float32 on a CPU.
-    """
-    from pedaPEFT import data, figures, gpt, memory, train
-
-    if task not in data.TASKS:
-        raise ValueError(f"task must be one of {sorted(data.TASKS)}, got {task!r}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = gpt.load_pretrained("tiny").to(device)
-    n_base = gpt.count_parameters(model.config)
-    dense_bytes = model_bytes(model)
-    config = dataclasses.replace(train.FINETUNE_CONFIG, progress=progress)
-    if steps is not None:
-        config = dataclasses.replace(config, steps=steps)
-    result = train.finetune(model, task, "qlora", config, method_options={"r": 8, "alpha": 16})
-    quant_bytes = model_bytes(model)
-    # Only the Linear weights are quantized; embeddings, LayerNorms and biases keep fp32.
-    quantized = sum(m.in_features * m.out_features for m in model.modules()
-                    if isinstance(m, QuantLinear))
-    predicted = memory.finetune_memory(
-        n_base, "qlora", trainable=result.trainable, quantized=quantized,
-        base_bits=base_bits_per_parameter(model),
-    )
-    compute_dtype = next(iter(qlora_layers(model).values())).compute_dtype
-    rows = [
-        ("device, compute dtype", f"{device.type}, {_dtype_name(compute_dtype)}"),
-        ("trainable parameters", f"{result.trainable:,} of {result.total:,} "
-                                 f"({100 * result.trainable_fraction:.2f}%, as PEFT counts)"),
-        ("storage of quantized weights", f"{base_bits_per_parameter(model):.3f} bits per weight"),
-        ("model memory, dense fp32 -> QLoRA", f"{dense_bytes / 2**20:.2f} MiB -> "
-                                              f"{quant_bytes / 2**20:.2f} MiB"),
-        ("training memory predicted (memory.py)", f"{predicted.static / 2**20:.2f} MiB without "
-                                                  "activations"),
-        (f"exact match on '{task}', before", f"{result.accuracy_before:.3f}"),
-        (f"exact match on '{task}', after QLoRA", f"{result.accuracy:.3f}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    figure = figures.qlora_demo(result.run.losses, result.accuracy_before, result.accuracy, task)
-    figure_path = out / "qlora_demo.png"
-    figures.save_figure(figure, figure_path)
-    print(f"wrote {figure_path}")
-    return {"rows": dict(rows), "result": result, "figure": figure_path}
-
-
-TABLE3_SETTINGS: tuple[tuple[str, str, dict], ...] = (
-    ("full fine-tuning (fp32)", "full", {}),
-    ("LoRA, fp32 base, all linear", "lora", {"r": 8, "alpha": 16, "targets": ALL_LINEAR}),
-    ("QLoRA int8, all linear", "qlora", {"quant_type": "int8"}),
-    ("QLoRA FP4, all linear", "qlora", {"quant_type": "fp4", "double_quant": False}),
-    ("QLoRA NF4 + DQ, all linear", "qlora", {"quant_type": "nf4"}),
-    ("LoRA, fp32 base, q and v", "lora", {"r": 8, "alpha": 16, "targets": ("q", "v")}),
-    ("QLoRA NF4 + DQ, q and v", "qlora", {"targets": ("q", "v")}),
-)
-"""The QLoRA paper's table 3 in miniature: (label, method, options); r = 8, α = 16."""
-
-TABLE3_LR = {"full": 1e-3, "lora": 4e-3, "qlora": 4e-3}
-"""Peak learning rates: ``experiments.LR``'s values, the same for LoRA and QLoRA."""
-
-
-def table3_run(label: str, method: str, options: dict, task: str, seed: int, scale) -> dict:
-    """Fine-tune a fresh copy of the shipped tiny base once; return counts and test accuracy.
-
-    ``scale`` is an ``experiments.Scale``. The seed sets LoRA's initialisation and the batch
-    order; the quantized base is the same for every seed (quantization is deterministic).
-    """
-    from pedaPEFT import data, gpt, train
-
-    torch.manual_seed(seed)
-    model = gpt.load_pretrained("tiny")
-    n_base = gpt.count_parameters(model.config)
-    dense_bytes = model_bytes(model)
-    block = model.config.block_size
-    train_set = data.task_data(task, "train", scale.n_train, block)
-    test_set = data.task_data(task, "test", scale.n_test, block)
-    prepare = {"full": train.prepare_full, "lora": lora.prepare_lora, "qlora": prepare_qlora}
-    model = prepare[method](model, **options)
-    trainable, _ = lora.count_parameters(model)
-    config = train.TrainConfig(
-        steps=scale.steps, batch_size=scale.batch_size, lr=TABLE3_LR[method],
-        warmup_steps=max(1, scale.steps // 10), weight_decay=0.0, progress=False,
-    )
-    run = train.train(model, lambda step: train_set.batch(step, scale.batch_size, seed=seed),
-                      config)
-    return {
-        "label": label, "method": method, "options": {k: list(v) if isinstance(v, tuple) else v
-                                                      for k, v in options.items()},
-        "seed": seed, "trainable": trainable, "base_parameters": n_base,
-        "model_bytes_before": dense_bytes, "model_bytes_after": model_bytes(model),
-        "loss_first": run.losses[0], "loss_last": run.losses[-1],
-        "accuracy": data.exact_match(model, test_set),
-    }
-
-
-def table3_experiment(scale_name: str = "small", task: str = "reverse", log=None,
-                      settings: tuple[int, ...] | None = None) -> dict:
-    """``TABLE3_SETTINGS`` (all, or the entries numbered ``settings``) for every seed of
-    ``experiments.SCALES[scale_name]`` ("small": seconds, for CI; "full": 300 steps of 64
-    examples, three seeds)."""
-    from pedaPEFT import experiments
-
-    if scale_name not in experiments.SCALES:
-        raise ValueError(f"scale must be one of {sorted(experiments.SCALES)}, got {scale_name!r}")
-    scale = experiments.SCALES[scale_name]
-    chosen = range(len(TABLE3_SETTINGS)) if settings is None else settings
-    rows = []
-    for label, method, options in (TABLE3_SETTINGS[i] for i in chosen):
-        for seed in scale.seeds:
-            rows.append(table3_run(label, method, options, task, seed, scale))
-            if log is not None:
-                log(f"{label}, seed {seed}: accuracy {rows[-1]['accuracy']:.3f}")
-    import hashlib
-
-    from pedaPEFT import gpt
-
-    weights, _ = gpt.pretrained_paths("tiny")
-    return {"experiment": "qlora_table3", "task": task, "scale": scale_name,
-            "base_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            "config": dataclasses.asdict(scale), "lr": TABLE3_LR, "torch": torch.__version__,
-            "runs": rows}
-
-
-def table3_summary(results: dict) -> list[dict]:
-    """Mean and sample standard deviation of accuracy over seeds, per setting, in table order."""
-    import statistics
-
-    summary = []
-    for label, method, _ in TABLE3_SETTINGS:
-        runs = [r for r in results["runs"] if r["label"] == label]
-        if not runs:
-            continue
-        accuracies = [r["accuracy"] for r in runs]
-        summary.append({
-            "label": label, "method": method, "trainable": runs[0]["trainable"],
-            "base_parameters": runs[0]["base_parameters"],
-            "model_bytes_after": runs[0]["model_bytes_after"], "n": len(runs),
-            "mean": statistics.fmean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-        })
-    return summary
-
-
-def table3_results_path(task: str = "reverse") -> Path:
-    """``figures/data/qlora_table3_<task>.json``: the committed full-scale results."""
-    return Path(__file__).resolve().parent.parent / "figures" / "data" / f"qlora_table3_{task}.json"
-
-
-def _register() -> None:
-    from pedaPEFT import train
-
-    train.register_method("qlora", prepare_qlora)
-
-
-_register()
