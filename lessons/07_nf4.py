@@ -174,7 +174,7 @@ print("FP4 distinct values:", torch.unique(fp4).numel(), "| int4 levels:", 15, "
 normal = [torch.randn(2**18, generator=torch.Generator().manual_seed(0))]
 trained = gpt.linear_weights("tiny")
 print(f"trained weights: {len(trained)} matrices, {sum(w.numel() for w in trained):,} values")
-errors = figures.four_bit_errors({"normal": normal, "trained": trained})
+errors = quant.four_bit_errors({"normal": normal, "trained": trained})
 for data, row in errors.items():
     print(f"{data:>8}: " + ", ".join(f"{m} {e:.3f} %" for m, e in row.items()))
 

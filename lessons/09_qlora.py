@@ -39,17 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import pedaPEFT
-from pedaPEFT import (
-    data,
-    exercises,
-    experiments,
-    figures,
-    gpt,
-    lora,
-    memory,
-    qlora,
-    quant,
-)
+from pedaPEFT import data, exercises, experiments, figures, gpt, lora, memory, qlora, quant
 from pedaPEFT.course import check_version, seed_everything
 
 check_version("0.1.0")

@@ -291,7 +291,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora, "save_file", failing_save)
+    monkeypatch.setattr(serialization, "save_file", failing_save)
     with torch.no_grad():
         model.fc.lora_B.fill_(1.0)
     with pytest.raises(OSError, match="disk full"):

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pedaPEFT import demo, experiments, gpt, kernels, lora, qlora, quant, serialization
+from pedaPEFT import demo, experiments, gpt, kernels, lora, qlora, quant, quant_linear
+from pedaPEFT import serialization as files_io
 
 ALL_LINEAR = ("q", "k", "v", "o", "fc", "proj")
 TINY = gpt.GPTConfig.preset("tiny")
@@ -65,7 +66,7 @@ def test_dequantize_op_equals_quant_module(n_blocks, quant_type, double_quant, b
 def test_dequantize_reference_handles_odd_length_and_partial_block():
     w = torch.randn(1001) * 0.1
     state = quant.quantize_4bit(w, quant_type="nf4", double_quant=True)
-    ours = kernels.dequantize_4bit_reference(
+    ours = kernels.dequantize_4bit_torch(
         state.packed, state.absmax, state.code, state.nested_absmax, state.nested_code,
         state.offset, w.numel(), 64, 256, torch.float32,
     )
@@ -244,8 +245,8 @@ def test_bad_shapes_and_dtypes_are_refused():
 
 
 def test_compute_dtype_default_is_float32_on_cpu():
-    assert qlora.resolve_compute_dtype(None, "cpu") == torch.float32
-    assert qlora.resolve_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert quant_linear.resolve_compute_dtype(None, "cpu") == torch.float32
+    assert quant_linear.resolve_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- merge
@@ -284,11 +285,11 @@ def test_save_and_load_quantized_model_round_trip(tmp_path):
     idx = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
     with torch.no_grad():
         expected = model(idx)
-    file = serialization.save_quantized(model, tmp_path / "ckpt")
+    file = files_io.save_quantized(model, tmp_path / "ckpt")
     assert file.stat().st_size < 0.5 * 4 * gpt.parameter_count(model.config)
     torch.manual_seed(123)  # a different dense init: everything must come from the file
     fresh = gpt.GPT(gpt.GPTConfig.preset("tiny"))
-    serialization.load_quantized(fresh, tmp_path / "ckpt")
+    files_io.load_quantized(fresh, tmp_path / "ckpt")
     with torch.no_grad():
         got = fresh(idx)
     assert torch.equal(got, expected)
@@ -298,19 +299,19 @@ def test_save_and_load_quantized_model_round_trip(tmp_path):
 
 def test_adapter_round_trip_and_format_mismatch(tmp_path):
     model = _tiny_qlora(quant_type="nf4")
-    serialization.save_qlora_adapter(model, tmp_path / "adapter")
+    files_io.save_qlora_adapter(model, tmp_path / "adapter")
     same = _tiny_qlora(quant_type="nf4", seed=0)
     for layer in qlora.qlora_layers(same).values():
         layer.reset_lora_parameters()
-    serialization.load_qlora_adapter(same, tmp_path / "adapter")
+    files_io.load_qlora_adapter(same, tmp_path / "adapter")
     idx = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
     with torch.no_grad():
         assert torch.equal(same(idx), model(idx))
     other = _tiny_qlora(quant_type="fp4")
     with pytest.raises(ValueError, match="quant_type='nf4'.*quant_type='fp4'"):
-        serialization.load_qlora_adapter(other, tmp_path / "adapter")
+        files_io.load_qlora_adapter(other, tmp_path / "adapter")
     with pytest.raises(ValueError, match="does not exist"):
-        serialization.load_qlora_adapter(same, tmp_path / "missing")
+        files_io.load_qlora_adapter(same, tmp_path / "missing")
 
 
 # --------------------------------------------------------------------------- torch.compile
