@@ -104,13 +104,8 @@ class QLoRALinear(nn.Module):
         )
         return cls(base, r, alpha, dropout, rslora)
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
+    in_features = lora.LoRALinear.in_features
+    out_features = lora.LoRALinear.out_features
 
     @property
     def compute_dtype(self) -> torch.dtype:
