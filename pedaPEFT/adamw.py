@@ -52,5 +52,8 @@ def adamw_update(
 
 
 def state_bytes(param: Tensor) -> int:
-    """Bytes of AdamW state for ``param``: two moments of its shape and dtype."""
+    """Bytes of AdamW state for ``param``: two moments of its shape and dtype.
+
+    Introduced in lesson 10.
+    """
     return 2 * param.numel() * param.element_size()

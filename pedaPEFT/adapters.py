@@ -66,6 +66,8 @@ def bottleneck_param_count(d_model: int, bottleneck: int, bias: bool = True) -> 
     49152
     >>> bottleneck_param_count(1024, 24)
     50200
+
+    Introduced in lesson 4.
     """
     d_model, bottleneck = _check_bottleneck(d_model, bottleneck)
     weights = 2 * d_model * bottleneck
@@ -79,6 +81,8 @@ class BottleneckAdapter(nn.Module):
         d_model: size ``d`` of the hidden vectors the adapter reads and writes.
         bottleneck: size ``m`` of the bottleneck, ``0 < m < d``.
         activation: one of ``"gelu"``, ``"relu"``, ``"swish"``, ``"tanh"``.
+
+    Introduced in lesson 4.
     """
 
     def __init__(self, d_model: int, bottleneck: int, activation: str = "gelu") -> None:
@@ -147,6 +151,8 @@ def add_adapters(
     The adapters are created on the device and in the dtype of the layer they follow.
 
     Returns the names of the wrapped modules, in ``model.named_modules()`` order.
+
+    Introduced in lesson 4.
     """
     targets = check_targets(targets)
     _check_positive_int(bottleneck, "bottleneck")

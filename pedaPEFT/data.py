@@ -36,7 +36,10 @@ LETTERS = string.ascii_lowercase
 
 
 def encode(text: str) -> list[int]:
-    """Character ids of ``text`` in the synthetic alphabet ``CHARS``."""
+    """Character ids of ``text`` in the synthetic alphabet ``CHARS``.
+
+    Introduced in lesson 3.
+    """
     unknown = sorted(set(text) - set(STOI))
     if unknown:
         raise ValueError(f"text contains characters outside the alphabet: {unknown}")
@@ -44,7 +47,10 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids: list[int] | torch.Tensor) -> str:
-    """Inverse of ``encode``."""
+    """Inverse of ``encode``.
+
+    Introduced in lesson 3.
+    """
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
     return "".join(CHARS[i] for i in ids)
@@ -168,6 +174,8 @@ def task_data(name: str, split: str, n: int, block_size: int = 16) -> TaskData:
 
     The two splits come from different random streams, and test inputs are removed from
     the training split, so test accuracy measures generalisation to unseen strings.
+
+    Introduced in lesson 3, used again in lesson 9.
     """
     task = get_task(name)
     if split not in SPLIT_SEEDS:
@@ -196,6 +204,8 @@ def pretrain_batch(
 
     Fresh examples each step, a pure function of (seed, step). Every character after the
     first is a target (language modelling), padding is not.
+
+    Introduced in lesson 3, used again in lesson 10.
     """
     rng = np.random.default_rng([seed, step])
     tasks = list(PRETRAIN_TASKS.values())
@@ -205,7 +215,10 @@ def pretrain_batch(
 
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> float:
-    """Fraction of examples whose whole answer is predicted correctly (teacher-forced arg-max)."""
+    """Fraction of examples whose whole answer is predicted correctly (teacher-forced arg-max).
+
+    Introduced in lesson 3.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -89,6 +89,8 @@ def run(
 
     Accuracy is measured on the test split, or with ``validation=True`` on ``N_VALIDATION``
     further examples of the training stream that training never sees (for choosing ``lr``).
+
+    Introduced in lesson 4, used again in lesson 5.
     """
     if method not in train.METHODS:
         raise ValueError(f"method must be one of {sorted(train.METHODS)}, got {method!r}")
@@ -247,7 +249,10 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
 
 
 def base_sha256(base: str = "tiny") -> str:
-    """SHA-256 of the shipped base's weights file, to tie result files to the base they used."""
+    """SHA-256 of the shipped base's weights file, to tie result files to the base they used.
+
+    Introduced in lesson 4, used again in lesson 5.
+    """
     weights, _ = gpt.pretrained_paths(base)
     return hashlib.sha256(weights.read_bytes()).hexdigest()
 
@@ -257,6 +262,8 @@ def summarize(rows: Iterable[dict], group: str | None = None) -> list[dict[str, 
 
     Returns one dict per setting, in first-seen order, with ``mean``, ``std`` (0 for one seed),
     ``n`` and the trainable count.
+
+    Introduced in lesson 4, used again in lesson 5.
     """
     settings: dict[str, dict] = {}
     for row in rows:
@@ -298,7 +305,10 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
 
 
 def load_results(name: str) -> dict:
-    """The committed full-scale results of experiment ``name``."""
+    """The committed full-scale results of experiment ``name``.
+
+    Introduced in lesson 4, used again in lesson 5.
+    """
     path = results_path(name)
     if not path.exists():
         raise ValueError(
@@ -348,6 +358,8 @@ def alpha_scaling(
     ``norms[rule][i]``: ‖ΔW‖_F after ``norm_steps`` Adam steps at ``norm_lr`` with rank
     ``ranks[i]``.  ``losses[rule][r][j]``: MSE after ``sweep_steps`` steps at ``lrs[j]``
     (rules ``alpha/r`` and ``none``).  At r = α = 8 all rules coincide.
+
+    Introduced in lesson 5.
     """
     task = linalg.planted_update_task(d_out=64, d_in=96, update_rank=4, n_samples=256, seed=0)
     norms = {
@@ -396,6 +408,8 @@ def table3_run(label: str, method: str, options: dict, task: str, seed: int, sca
 
     ``scale`` is a :class:`Scale`. The seed sets LoRA's initialisation and the batch
     order; the quantized base is the same for every seed (quantization is deterministic).
+
+    Introduced in lesson 9.
     """
     torch.manual_seed(seed)
     model = gpt.load_pretrained("tiny")
@@ -443,7 +457,10 @@ def table3_experiment(scale_name: str = "small", task: str = "reverse", log=None
 
 
 def table3_summary(results: dict) -> list[dict]:
-    """Mean and sample standard deviation of accuracy over seeds, per setting, in table order."""
+    """Mean and sample standard deviation of accuracy over seeds, per setting, in table order.
+
+    Introduced in lesson 9.
+    """
     summary = []
     for label, method, _ in TABLE3_SETTINGS:
         runs = [r for r in results["runs"] if r["label"] == label]
@@ -460,5 +477,8 @@ def table3_summary(results: dict) -> list[dict]:
 
 
 def table3_results_path(task: str = "reverse") -> Path:
-    """``figures/data/qlora_table3_<task>.json``: the committed full-scale results."""
+    """``figures/data/qlora_table3_<task>.json``: the committed full-scale results.
+
+    Introduced in lesson 9.
+    """
     return DATA_DIR / f"qlora_table3_{task}.json"

@@ -104,7 +104,10 @@ class GPTConfig:
 
 
 def parameter_count(config: GPTConfig) -> int:
-    """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied)."""
+    """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied).
+
+    Introduced in lesson 3, used again in lesson 9.
+    """
     V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
     n = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
     return n if config.tie_embeddings else n + V * d
@@ -195,6 +198,8 @@ class GPT(nn.Module):
 
     ``forward(idx)`` maps token ids of shape (B, T), T <= block_size, to logits (B, T, V).
     ``features(idx)`` returns the final normalised hidden states (B, T, d) the head reads.
+
+    Introduced in lesson 3, used again in lessons 4 and 5 and 10.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -278,6 +283,8 @@ def load_pretrained(preset: str = "tiny") -> GPT:
 
     Loads in well under a second, with no download; ``pretrained_info`` returns the recipe
     and the metrics measured when the file was made.
+
+    Introduced in lesson 3, used again in lessons 4 and 9.
     """
     from safetensors.torch import load_model
 
@@ -305,7 +312,10 @@ def save_pretrained(model: GPT, info: dict, directory: str | Path = PRETRAINED_D
 
 
 def pretrained_info(preset: str = "tiny") -> dict:
-    """Recipe and metrics recorded next to a shipped base."""
+    """Recipe and metrics recorded next to a shipped base.
+
+    Introduced in lesson 3, used again in lesson 9.
+    """
     _, meta = pretrained_paths(preset)
     if not meta.exists():
         raise ValueError(f"no shipped base for preset {preset!r}")

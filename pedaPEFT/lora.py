@@ -65,6 +65,8 @@ class LoRAConfig:
 
     ``target_modules`` holds module names; a module is wrapped when its full dotted name equals
     a target or ends with ``"." + target`` (PEFT's rule for a list of targets).
+
+    Introduced in lesson 5, used again in lesson 9.
     """
 
     r: int = 8
@@ -94,6 +96,8 @@ class LoRALinear(nn.Module):
         lora_B: trainable (out, r), zeros.
         scaling: ``α / r`` (or ``α / √r`` with ``rslora``).
         merged: whether ``ΔW`` is currently added into ``base_layer.weight``.
+
+    Introduced in lesson 5.
     """
 
     def __init__(
@@ -179,7 +183,10 @@ class LoRALinear(nn.Module):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every :class:`LoRALinear` in ``model``, by module name."""
+    """Every :class:`LoRALinear` in ``model``, by module name.
+
+    Introduced in lesson 5.
+    """
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -190,6 +197,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     have ``requires_grad`` (PEFT's ``bias="none"``).  Raises ``ValueError`` listing the model's
     Linear names when no module matches, and when a matching layer already has LoRA.
     Returns the wrapped module names in ``model.named_modules()`` order.
+
+    Introduced in lesson 5.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -231,7 +240,10 @@ def prepare_lora(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts, summed over ``model.parameters()`` (PEFT's rule)."""
+    """``(trainable, total)`` parameter counts, summed over ``model.parameters()`` (PEFT's rule).
+
+    Introduced in lesson 4, used again in lessons 5 and 9.
+    """
     trainable = total = 0
     for param in model.parameters():
         total += param.numel()
@@ -252,7 +264,10 @@ def trainable_parameters_line(model: nn.Module) -> str:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Print :func:`trainable_parameters_line` exactly as PEFT's ``print_trainable_parameters``."""
+    """Print :func:`trainable_parameters_line` exactly as PEFT's ``print_trainable_parameters``.
+
+    Introduced in lesson 5.
+    """
     print(trainable_parameters_line(model))
 
 
@@ -261,6 +276,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The result has exactly the base model's architecture and parameter count; its outputs equal
     the LoRA model's up to float rounding.  Works in place and returns ``model``.
+
+    Introduced in lesson 5.
     """
     layers = lora_layers(model)
     if not layers:

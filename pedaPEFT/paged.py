@@ -106,6 +106,8 @@ class PagedAdamW(torch.optim.Optimizer):
         page_bytes: bytes per moment in one page (a multiple of 8); default
             ``min(8 MiB, budget_bytes // 32)``, so the four page buffers use at most an eighth
             of the budget.
+
+    Introduced in lesson 10.
     """
 
     def __init__(

@@ -160,7 +160,10 @@ class QLoRALinear(nn.Module):
 
 
 def qlora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
-    """Every :class:`QLoRALinear` in ``model``, by module name."""
+    """Every :class:`QLoRALinear` in ``model``, by module name.
+
+    Introduced in lesson 9.
+    """
     return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
 
 
@@ -176,6 +179,8 @@ def quantize_model(
     In place. Everything else is frozen, so only ``lora_A``/``lora_B`` train. Target matching
     is PEFT's (exact name or dotted suffix), as in ``lora.apply_lora``. Raises ``ValueError``
     listing the model's Linear names when nothing matches. Returns the converted names.
+
+    Introduced in lesson 9.
     """
     if not isinstance(config, lora.LoRAConfig):
         raise TypeError(f"config must be a lora.LoRAConfig, got {type(config).__name__}")
@@ -209,7 +214,10 @@ def quantize_model(
 
 
 def merge_qlora(model: nn.Module, requantize: bool = False) -> nn.Module:
-    """Replace every :class:`QLoRALinear` by :meth:`QLoRALinear.merge`'s module; in place."""
+    """Replace every :class:`QLoRALinear` by :meth:`QLoRALinear.merge`'s module; in place.
+
+    Introduced in lesson 9.
+    """
     layers = qlora_layers(model)
     if not layers:
         raise ValueError("model has no QLoRALinear layers to merge")
@@ -225,6 +233,8 @@ def requantization_error(layer: QLoRALinear) -> dict[str, float]:
     Returns ``rel_error`` = ‖deq(quantize(W')) − W'‖ / ‖W'‖, ``rel_delta`` = ‖ΔW‖ / ‖W'‖ (how
     big the learned update is) and ``delta_lost`` = ‖deq(quantize(W')) − deq(Q) − ΔW‖ / ‖ΔW‖
     (the share of the update the new rounding swamps; above 1 means the noise exceeds it).
+
+    Introduced in lesson 9.
     """
     exact = layer.merged_weight()
     requantized = layer.merge(requantize=True).dequantize(torch.float32)
@@ -249,14 +259,20 @@ def prepare_qlora(
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Fine-tuning method ``"qlora"`` of ``train.finetune``: quantize ``targets``, add LoRA."""
+    """Fine-tuning method ``"qlora"`` of ``train.finetune``: quantize ``targets``, add LoRA.
+
+    Introduced in lesson 9.
+    """
     config = lora.LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
     quantize_model(model, config, quant_type, double_quant, compute_dtype)
     return model
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer ``model`` stores (a tied tensor counted once)."""
+    """Bytes of every parameter and buffer ``model`` stores (a tied tensor counted once).
+
+    Introduced in lesson 9.
+    """
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
@@ -267,7 +283,10 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def base_bits_per_parameter(model: nn.Module) -> float:
-    """Stored bits per weight over all quantized base layers of ``model``."""
+    """Stored bits per weight over all quantized base layers of ``model``.
+
+    Introduced in lesson 9.
+    """
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ValueError("model has no quantized layers")

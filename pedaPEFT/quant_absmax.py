@@ -87,7 +87,10 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
 
 
 def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`absmax_quantize`: ``q / c`` in float32."""
+    """Inverse of :func:`absmax_quantize`: ``q / c`` in float32.
+
+    Introduced in lesson 6.
+    """
     if not isinstance(q, torch.Tensor) or not is_integer(q.dtype):
         raise TypeError("q must be an integer torch.Tensor from absmax_quantize")
     return q.float() / torch.as_tensor(scale, dtype=torch.float32, device=q.device)
@@ -135,7 +138,10 @@ def blockwise_absmax_quantize(
 def blockwise_absmax_dequantize(
     q: torch.Tensor, scale: torch.Tensor, blocksize: int = 64
 ) -> torch.Tensor:
-    """Inverse of :func:`blockwise_absmax_quantize`: ``q_i / c_j`` in float32, shape of ``q``."""
+    """Inverse of :func:`blockwise_absmax_quantize`: ``q_i / c_j`` in float32, shape of ``q``.
+
+    Introduced in lesson 6.
+    """
     if not isinstance(q, torch.Tensor) or not is_integer(q.dtype):
         raise TypeError("q must be an integer torch.Tensor from blockwise_absmax_quantize")
     n = q.numel()
@@ -253,6 +259,8 @@ def nearest_code_index(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor
     Sorts the code, takes the float32 midpoints between neighbours and counts how many
     midpoints lie strictly below each value (``torch.bucketize``), then maps back to the
     code's own order. Returns int64 indices.
+
+    Introduced in lesson 7.
     """
     order = torch.argsort(code, stable=True)
     sorted_code = code[order]

@@ -98,7 +98,10 @@ def quantize_blockwise_8bit(
 def dequantize_blockwise_8bit(
     codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256
 ) -> torch.Tensor:
-    """``dynamic_code()[codes_i] * absmax_j`` in float32 (flattened)."""
+    """``dynamic_code()[codes_i] * absmax_j`` in float32 (flattened).
+
+    Introduced in lesson 8.
+    """
     values = dynamic_code().to(codes.device)[codes.reshape(-1).long()]
     return times_block_scale(values, absmax, blocksize)
 
@@ -132,7 +135,10 @@ def bits_per_parameter(
 
 
 def storage_bits(state: QuantState) -> dict[str, int]:
-    """Bits held by each tensor of the state: ``numel * element size * 8``."""
+    """Bits held by each tensor of the state: ``numel * element size * 8``.
+
+    Introduced in lesson 8.
+    """
     counts = {}
     for f in fields(state):
         value = getattr(state, f.name)
@@ -142,5 +148,8 @@ def storage_bits(state: QuantState) -> dict[str, int]:
 
 
 def storage_bits_per_parameter(state: QuantState) -> float:
-    """All stored bits (packed codes, scales, offset, both code tables) per original element."""
+    """All stored bits (packed codes, scales, offset, both code tables) per original element.
+
+    Introduced in lesson 8.
+    """
     return sum(storage_bits(state).values()) / state.numel

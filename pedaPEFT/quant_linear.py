@@ -30,7 +30,10 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class BaseFormat(NamedTuple):
-    """How a frozen base weight is stored; everything needed to rebuild an empty layer."""
+    """How a frozen base weight is stored; everything needed to rebuild an empty layer.
+
+    Introduced in lesson 9.
+    """
 
     quant_type: str
     out_features: int
@@ -159,6 +162,8 @@ class QuantLinear(nn.Module):
     ``int8``: ``qweight`` int8 (out, in) and ``row_absmax`` float32 (out,). Optional ``bias`` in
     the original weight dtype. Construct with :meth:`from_linear` or :meth:`from_weight`; the
     constructor itself makes an empty layer of the given format (what loading fills in).
+
+    Introduced in lesson 9.
     """
 
     def __init__(self, fmt: BaseFormat, bias: bool, device: torch.device | str | None = None):

@@ -36,7 +36,10 @@ class DeviceOutOfMemoryError(RuntimeError):
 
 def activation_bytes(model: torch.nn.Module, *inputs: Tensor) -> int:
     """Bytes of the tensors one forward pass saves for backward (activations), parameters
-    excluded: ``memory.saved_tensor_bytes`` of ``model(*inputs)`` with gradients on."""
+    excluded: ``memory.saved_tensor_bytes`` of ``model(*inputs)`` with gradients on.
+
+    Introduced in lesson 10.
+    """
     with torch.enable_grad():
         return memory.saved_tensor_bytes(lambda: model(*inputs), model)
 
