@@ -143,8 +143,9 @@ class LoRALinear(nn.Module):
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """The low-rank branch ``s · B(A(dropout(x)))``, computed in the adapter's dtype."""
-        x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        x = x.to(self.lora_A.dtype)  # (..., in)
+        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        return F.linear(h, self.lora_B) * self.scaling  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

@@ -112,8 +112,8 @@ class QLoRALinear(nn.Module):
         return self.base_layer.compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_c = x.to(self.compute_dtype)
-        return (self.base_layer(x_c) + self.lora_output(x_c)).to(x.dtype)
+        x_c = x.to(self.compute_dtype)  # (..., in)
+        return (self.base_layer(x_c) + self.lora_output(x_c)).to(x.dtype)  # (..., out)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

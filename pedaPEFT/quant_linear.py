@@ -143,12 +143,14 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x, bias, fmt, *tensors):
         ctx.fmt = fmt
         ctx.save_for_backward(*tensors)  # the packed codes and scales, never the dense weight
-        return F.linear(x, _dequantize(fmt, tensors, x.dtype), bias)
+        weight = _dequantize(fmt, tensors, x.dtype)  # (out, in), a temporary
+        return F.linear(x, weight, bias)  # (..., in) -> (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
         grad_x = None
         if ctx.needs_input_grad[0]:
+            # (..., out) @ (out, in) -> (..., in): dequantized again, not saved
             grad_x = grad_y @ _dequantize(ctx.fmt, ctx.saved_tensors, grad_y.dtype)
         return (grad_x, None, None) + (None,) * len(ctx.saved_tensors)
 
