@@ -32,16 +32,16 @@ from torch import nn
 from pedaPEFT import lora
 from pedaPEFT.gpt import ALL_LINEAR
 from pedaPEFT.quant_linear import (
-    QUANT_TYPES,
+    BASE_QUANT_TYPES,
     BaseFormat,
     QuantLinear,
-    check_quant_type,
+    check_base_quant_type,
     dtype_from_name,
 )
 from pedaPEFT.targets import find_targets
 
 __all__ = [  # the base layer's names are re-exported: lesson 9 meets them here
-    "ALL_LINEAR", "QUANT_TYPES", "BaseFormat", "QLoRALinear", "QuantLinear",
+    "ALL_LINEAR", "BASE_QUANT_TYPES", "BaseFormat", "QLoRALinear", "QuantLinear",
     "base_bits_per_parameter", "merge_qlora", "model_bytes", "prepare_qlora", "qlora_layers",
     "quantize_model", "requantization_error",
 ]
@@ -184,7 +184,7 @@ def quantize_model(
     """
     if not isinstance(config, lora.LoRAConfig):
         raise TypeError(f"config must be a lora.LoRAConfig, got {type(config).__name__}")
-    check_quant_type(quant_type)
+    check_base_quant_type(quant_type)
     matches = find_targets(model, config.target_modules, "target_modules")
     for name, module in matches:
         if isinstance(module, QLoRALinear | lora.LoRALinear) or name.endswith(".base_layer"):

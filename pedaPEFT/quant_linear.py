@@ -25,7 +25,7 @@ from torch import nn
 
 from pedaPEFT import kernels, quant
 
-QUANT_TYPES = (*quant.QUANT_TYPES, "int8")  # 4-bit codes, or row-wise absmax int8
+BASE_QUANT_TYPES = (*quant.QUANT_TYPES, "int8")  # 4-bit codes, or row-wise absmax int8
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -90,10 +90,10 @@ def resolve_compute_dtype(
     return compute_dtype
 
 
-def check_quant_type(quant_type: object) -> str:
-    """``quant_type`` if it is a base format (``QUANT_TYPES``); ``ValueError`` otherwise."""
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {list(QUANT_TYPES)}, got {quant_type!r}")
+def check_base_quant_type(quant_type: object) -> str:
+    """``quant_type`` if it is a base format (``BASE_QUANT_TYPES``); ``ValueError`` otherwise."""
+    if quant_type not in BASE_QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {list(BASE_QUANT_TYPES)}, got {quant_type!r}")
     return quant_type
 
 
@@ -226,7 +226,7 @@ class QuantLinear(nn.Module):
             )
         if not weight.is_floating_point():
             raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        check_quant_type(quant_type)
+        check_base_quant_type(quant_type)
         if quant_type != "int8":
             _check_blocksize(blocksize, weight.numel())
         out_features, in_features = weight.shape
