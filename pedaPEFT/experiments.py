@@ -75,6 +75,34 @@ TABLE6_EXTRA = ((("q",), 64),)  # W_q alone: does a high rank rescue it?
 LORA_ALPHA = 8
 BUDGET_RANK = 8  # table 5: r = BUDGET_RANK / (number of weight types)
 
+def train_prepared(
+    model: nn.Module,
+    train_set: data.TaskData,
+    scale: Scale,
+    lr: float,
+    seed: int,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> train.TrainResult:
+    """Train a prepared model as every experiment here does: ``scale.steps`` AdamW steps with
+    10 % warm-up, no weight decay, batches drawn from ``train_set`` in the order ``seed``
+    sets; ``evaluate`` (if given) runs four times along the way and at the end."""
+    config = train.TrainConfig(
+        steps=scale.steps,
+        batch_size=scale.batch_size,
+        lr=lr,
+        warmup_steps=max(1, scale.steps // 10),
+        weight_decay=0.0,
+        eval_interval=max(1, scale.steps // 4) if evaluate is not None else 0,
+        progress=False,
+    )
+    return train.train(
+        model,
+        lambda step: train_set.batch(step, scale.batch_size, seed=seed),
+        config,
+        evaluate=evaluate,
+    )
+
+
 def run(
     method: str,
     task: str,
@@ -107,20 +135,9 @@ def run(
         test_set = data.task_data(task, "test", scale.n_test, block)
     model = train.METHODS[method](model, **(options or {}))
     trainable, total = lora.count_parameters(model)
-    config = train.TrainConfig(
-        steps=scale.steps,
-        batch_size=scale.batch_size,
-        lr=lr,
-        warmup_steps=max(1, scale.steps // 10),
-        weight_decay=0.0,
-        eval_interval=max(1, scale.steps // 4),
-        progress=False,
-    )
     start = time.perf_counter()
-    result = train.train(
-        model,
-        lambda step: train_set.batch(step, scale.batch_size, seed=seed),
-        config,
+    result = train_prepared(
+        model, train_set, scale, lr, seed,
         evaluate=lambda m: {"accuracy": data.exact_match(m, test_set)},
     )
     seconds = time.perf_counter() - start
@@ -399,8 +416,7 @@ TABLE3_SETTINGS: tuple[tuple[str, str, dict], ...] = (
 """The QLoRA paper's table 3 in miniature: (label, method, options); r = 8, α = 16."""
 
 TABLE3_LR = {"full": 1e-3, "lora": 4e-3, "qlora": 4e-3}
-"""Peak learning rates: ``experiments.LR``'s values, the same for LoRA and QLoRA."""
-
+"""Peak learning rates per method, the same for LoRA and QLoRA."""
 
 
 def table3_run(label: str, method: str, options: dict, task: str, seed: int, scale) -> dict:
@@ -420,12 +436,7 @@ def table3_run(label: str, method: str, options: dict, task: str, seed: int, sca
     test_set = data.task_data(task, "test", scale.n_test, block)
     model = train.METHODS[method](model, **options)
     trainable, _ = lora.count_parameters(model)
-    config = train.TrainConfig(
-        steps=scale.steps, batch_size=scale.batch_size, lr=TABLE3_LR[method],
-        warmup_steps=max(1, scale.steps // 10), weight_decay=0.0, progress=False,
-    )
-    run = train.train(model, lambda step: train_set.batch(step, scale.batch_size, seed=seed),
-                      config)
+    run = train_prepared(model, train_set, scale, TABLE3_LR[method], seed)
     return {
         "label": label, "method": method, "options": {k: list(v) if isinstance(v, tuple) else v
                                                       for k, v in options.items()},
