@@ -172,16 +172,13 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import adapters, files, gpt, lora, qlora, train
+    from pedaPEFT import files, gpt, train
 
     if args.checkpoint:
         files.check_output_file(args.checkpoint, "--checkpoint")
-
-    train.register_method("lora", lora.prepare_lora)
-    train.register_method("adapter", adapters.prepare_adapters)
     options = {}
     if args.method in ("lora", "qlora"):
-        default_targets = ["q", "v"] if args.method == "lora" else list(qlora.ALL_LINEAR)
+        default_targets = ["q", "v"] if args.method == "lora" else list(gpt.ALL_LINEAR)
         options = {"r": args.r, "alpha": args.alpha, "targets": args.targets or default_targets,
                    "dropout": args.lora_dropout}
         if args.method == "qlora":
@@ -208,18 +205,18 @@ def command_demo(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from pedaPEFT import files, qlora
+    from pedaPEFT import demo, files
 
-    qlora.demo(args.task, out_dir=files.check_output_dir(args.out, "--out"))
+    demo.demo(args.task, out_dir=files.check_output_dir(args.out, "--out"))
     return 0
 
 
 def command_qlora_experiment(args: argparse.Namespace) -> int:
-    from pedaPEFT import experiments, files, qlora
+    from pedaPEFT import experiments, files
 
-    out = Path(args.out) if args.out else qlora.table3_results_path(args.task)
+    out = Path(args.out) if args.out else experiments.table3_results_path(args.task)
     files.check_output_file(out, "--out")
-    results = qlora.table3_experiment(args.scale, args.task, log=print)
+    results = experiments.table3_experiment(args.scale, args.task, log=print)
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0

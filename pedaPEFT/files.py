@@ -1,13 +1,18 @@
-"""Files the package writes: paths checked before any work, several files changed as one.
+"""Writing files: atomically, to paths checked before any work, several files as one change.
 
-A run that trains for minutes and then cannot write its result has lost those minutes, so
-every command checks where it will write first: :func:`check_output_file` for one file
-(a checkpoint, a results file), :func:`check_output_dir` for a folder.
+A reader (another process, a crashed run resumed later) sees either the old file or the
+complete new one, never half of it: :func:`atomic_write` puts the content in a temporary file
+in the same folder, which then replaces the target in one ``os.replace`` (atomic on POSIX and
+Windows). It is the one way the package writes a file.
 
 A saved model or adapter is several files (weights and their configuration) that only make
 sense together. :func:`write_files_atomically` replaces them as one change, so that an
 interrupted save leaves either every old file or every new one, never new weights with an
 old configuration.
+
+A run that trains for minutes and then cannot write its result has lost those minutes, so
+every command checks where it will write first: :func:`check_output_file` for one file
+(a checkpoint, a results file), :func:`check_output_dir` for a folder.
 """
 
 from __future__ import annotations
@@ -17,6 +22,32 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call ``write(temporary_path)``, then move the temporary file onto ``path``.
+
+    The folder is created if needed; the file gets mode 0o644. If ``write`` raises, the
+    temporary file is removed and ``path`` is left as it was. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def check_output_dir(path: str | os.PathLike, argument: str = "out") -> Path:
@@ -88,7 +119,7 @@ def write_files_atomically(writes: dict[Path, Callable[[str], object]]) -> list[
             os.chmod(temporary, 0o644)
         renames = [[Path(t).name, p.name] for t, p in zip(temporaries, targets, strict=True)]
         journal = folder / JOURNAL_NAME
-        _write_replace(journal, json.dumps(renames))
+        atomic_write_text(journal, json.dumps(renames))
     except BaseException:
         for temporary in temporaries:
             if os.path.exists(temporary):
@@ -113,13 +144,3 @@ def finish_interrupted_write(folder: str | os.PathLike) -> None:
             f"{str(journal)!r}: an interrupted save could not be completed ({error})"
         ) from None
     journal.unlink()
-
-
-def _write_replace(path: Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()

@@ -47,6 +47,14 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+ALL_LINEAR = ("q", "k", "v", "o", "fc", "proj")
+"""Names of every ``nn.Linear`` in a block: attention ``q, k, v, o``, MLP ``fc, proj``."""
+
+ADAPTER_TARGETS = ("o", "proj")
+"""Where Houlsby adapters go: after the attention output projection ``o`` and after the MLP
+output projection ``proj`` of every block."""
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Shape of a GPT. ``dropout`` is applied to attention weights and residual branches."""
@@ -93,8 +101,11 @@ class GPTConfig:
         return cls(**values)
 
 
-def count_parameters(config: GPTConfig) -> int:
-    """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied)."""
+def parameter_count(config: GPTConfig) -> int:
+    """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied).
+
+    Introduced in lesson 3, used again in lesson 9.
+    """
     V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
     n = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
     return n if config.tie_embeddings else n + V * d
@@ -185,6 +196,8 @@ class GPT(nn.Module):
 
     ``forward(idx)`` maps token ids of shape (B, T), T <= block_size, to logits (B, T, V).
     ``features(idx)`` returns the final normalised hidden states (B, T, d) the head reads.
+
+    Introduced in lesson 3, used again in lessons 4 and 5 and 10.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -271,6 +284,8 @@ def load_pretrained(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR
     and the metrics measured when the file was made. The weights must be exactly the tensors
     of the recorded ``model_config`` (names, shapes, float32, finite); anything else raises
     ``ValueError`` naming the file and the tensor.
+
+    Introduced in lesson 3, used again in lessons 4 and 9.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -341,7 +356,10 @@ def save_pretrained(model: GPT, info: dict, directory: str | Path,
 
 
 def pretrained_info(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR) -> dict:
-    """Recipe and metrics recorded next to a saved base."""
+    """Recipe and metrics recorded next to a saved base.
+
+    Introduced in lesson 3, used again in lesson 9.
+    """
     _, meta = pretrained_paths(preset, directory)
     if not meta.exists():
         raise ValueError(f"no saved base for preset {preset!r} in {str(directory)!r}")
@@ -352,3 +370,11 @@ def pretrained_info(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR
     if not isinstance(info, dict):
         raise ValueError(f"{str(meta)!r} must hold a JSON object, got {type(info).__name__}")
     return info
+
+
+def linear_weights(preset: str = "tiny") -> list[torch.Tensor]:
+    """The weight matrices of every ``ALL_LINEAR`` layer of a shipped pretrained GPT (lesson 7,
+    "NF4 on real weights")."""
+    model = load_pretrained(preset)
+    return [module.weight.detach() for name, module in model.named_modules()
+            if name.split(".")[-1] in ALL_LINEAR]
