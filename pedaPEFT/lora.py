@@ -249,7 +249,7 @@ def prepare_lora(
     rslora: bool = False,
 ) -> nn.Module:
     """Fine-tuning method ``"lora"`` of :func:`pedaPEFT.train.finetune`: LoRA on ``targets``."""
-    apply_lora(model, LoRAConfig(r, alpha, dropout, tuple(targets), rslora))
+    apply_lora(model, LoRAConfig(r, alpha, dropout, targets, rslora))
     return model
 
 
