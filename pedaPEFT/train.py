@@ -24,6 +24,7 @@ of your own.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
@@ -192,11 +193,46 @@ def save_checkpoint(
     }
     if isinstance(model, GPT):
         state["model_config"] = model.config.to_dict()
+    state["sha256"] = content_digest(state)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def content_digest(value: object) -> str:
+    """SHA-256 of everything in a checkpoint (tensors by dtype, shape and bytes; other values
+    by ``repr``), walked in a fixed order; the key ``"sha256"`` itself is left out.
+
+    ``torch.load(weights_only=True)`` refuses code but not changed numbers: a flipped bit in a
+    weight loads silently. The digest stored at save time and compared at load catches that.
+    """
+    digest = hashlib.sha256()
+
+    def walk(item: object) -> None:
+        if isinstance(item, torch.Tensor):
+            flat = item.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, dict):
+            digest.update(b"{")
+            for key in sorted(item, key=repr):
+                if key != "sha256":
+                    digest.update(repr(key).encode())
+                    walk(item[key])
+            digest.update(b"}")
+        elif isinstance(item, list | tuple):
+            digest.update(b"[")
+            for element in item:
+                walk(element)
+            digest.update(b"]")
+        else:
+            digest.update(repr(item).encode())
+
+    walk(value)
+    return digest.hexdigest()
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint with ``weights_only=True`` (no code from the file is run)."""
+    """Read a checkpoint with ``weights_only=True`` (no code from the file is run) and check
+    its recorded SHA-256 (a changed byte is refused, not loaded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path must name an existing checkpoint file, got {str(path)!r}")
@@ -210,6 +246,11 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(
             f"checkpoint {str(path)!r} is not a pedaPEFT training checkpoint "
             f"(expected format {CHECKPOINT_FORMAT!r})"
+        )
+    if "sha256" in state and state["sha256"] != content_digest(state):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is corrupted: its content does not match the SHA-256 "
+            "recorded when it was saved"
         )
     return state
 
