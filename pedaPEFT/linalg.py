@@ -66,6 +66,8 @@ def _as_matrix(A: Any, name: str = "A") -> tuple[np.ndarray, float]:
 
         if A.is_complex():
             raise TypeError(f"{name} must be real; got a complex tensor of dtype {A.dtype}")
+        if A.is_meta:
+            raise ValueError(f"{name} is on the meta device (a shape without values)")
         eps = float(torch.finfo(A.dtype).eps) if A.dtype.is_floating_point else _F64_EPS
         array = A.detach().cpu().double().numpy()
     else:

@@ -43,6 +43,7 @@ from pedaPEFT.quant_absmax import (
     check_all_finite,
     check_blocksize,
     check_float_tensor,
+    check_has_data,
     is_integer,
     nearest_code_index,
     scale_blocks,
@@ -120,6 +121,7 @@ def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(codes, torch.Tensor) or not is_integer(codes.dtype):
         raise TypeError("codes must be an integer torch.Tensor of 4-bit indices (0..15)")
+    check_has_data(codes, "codes")
     flat = codes.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > 15):
         raise ValueError("codes must lie in 0..15 to fit in 4 bits")

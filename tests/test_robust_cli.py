@@ -144,3 +144,17 @@ def test_random_bad_choices_are_refused_by_name(word, capsys):
         if option == "--preset" and word in cli.PRESETS:
             continue
         assert_user_error(argv, capsys, option)
+
+
+def test_lessons_without_its_dependencies_names_the_install(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_jupytext(name, *args, **kwargs):
+        if name == "jupytext" or (name == "pedaPEFT" and "notebooks" in (args[2] or ())):
+            raise ModuleNotFoundError("No module named 'jupytext'", name="jupytext")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_jupytext)
+    assert_user_error(["lessons", "--check"], capsys, "jupytext", "pip install")

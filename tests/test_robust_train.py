@@ -134,3 +134,13 @@ def test_dequantize_refuses_a_malformed_layout(change, name):
         value = args[key].reshape(state.packed.shape) if key == "packed" else args[key]
         with pytest.raises((TypeError, ValueError), match=f"state: {key}"):
             quant.dequantize_4bit(dataclasses.replace(state, **{key: value}))
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: quant.quantize_4bit(m), lambda m: quant.absmax_quantize(m),
+    lambda m: quant.quantize_int8(m), lambda m: linalg.matrix_rank(m),
+    lambda m: quant.pack_4bit(torch.zeros(8, dtype=torch.uint8, device="meta")),
+])
+def test_meta_tensors_are_refused_by_name(call):
+    with pytest.raises(ValueError, match="meta device"):
+        call(torch.empty(8, 64, device="meta"))
