@@ -13,6 +13,10 @@ old configuration.
 A run that trains for minutes and then cannot write its result has lost those minutes, so
 every command checks where it will write first: :func:`check_output_file` for one file
 (a checkpoint, a results file), :func:`check_output_dir` for a folder.
+
+Reading is checked too: :func:`read_tensors` compares a safetensors file's keys and shapes
+with what the caller expects before reading (so a hostile header cannot make it allocate),
+then refuses non-float or non-finite values.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -144,3 +152,44 @@ def finish_interrupted_write(folder: str | os.PathLike) -> None:
             f"{str(journal)!r}: an interrupted save could not be completed ({error})"
         ) from None
     journal.unlink()
+
+
+def read_tensors(file: Path, expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]]
+                 ) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``file``, checked against ``expected`` before any is read.
+
+    ``expected`` maps each key to (shape, dtype or None for "any float"). The header's keys and
+    shapes are compared first (nothing is allocated for a file that claims other shapes); then
+    the tensors are read and every float one must be finite. Raises ``ValueError`` naming the
+    file and the key.
+    """
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error type for corrupt headers
+        raise ValueError(f"{file}: truncated or not a safetensors file ({error})") from None
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{file}: keys do not match the model; missing keys: {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {extra[:8]}"
+            f"{' ...' if len(extra) > 8 else ''}"
+        )
+    wrong = [f"{key}: file {shapes[key]} vs model {shape}"
+             for key, (shape, _) in expected.items() if shapes[key] != tuple(shape)]
+    if wrong:
+        raise ValueError(f"{file}: tensors of the wrong shape: " + "; ".join(wrong[:8]))
+    try:
+        tensors = load_file(str(file))
+    except Exception as error:
+        raise ValueError(f"{file}: truncated or not a safetensors file ({error})") from None
+    for key, (_, dtype) in expected.items():
+        tensor = tensors[key]
+        if dtype is None and not tensor.is_floating_point():
+            raise ValueError(f"{file}: {key} must be a float tensor, got {tensor.dtype}")
+        if dtype is not None and tensor.dtype != dtype:
+            raise ValueError(f"{file}: {key} must be {dtype}, got {tensor.dtype}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{file}: {key} holds NaN or inf")
+    return tensors

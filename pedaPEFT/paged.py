@@ -36,7 +36,6 @@ What paging buys is shown on a simulated device in ``pedaPEFT.simulated_device``
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,20 +43,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from pedaPEFT.adamw import adamw_update, state_bytes
+from pedaPEFT.adamw import adamw_update, check_hyperparameters, check_state_dict, state_bytes
 
 __all__ = ["PagedAdamW", "PagingStats", "adamw_update", "state_bytes"]
 
 OPTIMIZER_TAG = "pedaPEFT.paged.PagedAdamW"
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 # 8 MiB per moment: over PCIe (tens of GB/s) copying a page takes longer than launching its
 # update from Python, so the copies, not the launches, set the pace
 DEFAULT_PAGE_BYTES = 8 * 1024 * 1024
 STAGING_PAGES = 4  # two slots (double buffering) × two moments
 PAGE_ALIGN = 8  # bytes; a page holds a whole number of elements of every float dtype
-# Below this a page costs more in Python and launches than it moves (a warning says so):
-# 256 bytes of budget would give 8-byte pages and a step thousands of times slower than AdamW.
-MIN_SENSIBLE_PAGE_BYTES = 4096
+MIN_SENSIBLE_PAGE_BYTES = 4096  # smaller automatic pages cost more in launches than they move
 
 
 @dataclass
@@ -87,25 +83,6 @@ class _Page:
     param: Tensor
     start: int  # first element of the page in the flattened parameter
     stop: int
-
-
-def check_hyperparameters(lr: object, betas: object, eps: object, weight_decay: object,
-                          where: str = "") -> None:
-    """``torch.optim.AdamW``'s checks, NaN and inf refused as well; ``ValueError`` names the
-    hyperparameter (prefixed by ``where``, e.g. the parameter group of a state dict)."""
-    def real(value: object) -> bool:
-        return isinstance(value, float | int) and not isinstance(value, bool) and (
-            math.isfinite(value))
-
-    if not (real(lr) and lr >= 0):
-        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r}")
-    if not (isinstance(betas, tuple | list) and len(betas) == 2
-            and all(real(beta) and 0.0 <= beta < 1.0 for beta in betas)):
-        raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
-    if not (real(eps) and eps >= 0):
-        raise ValueError(f"{where}eps must be a finite number >= 0, got {eps!r}")
-    if not (real(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
 
 def _check_positive_int(value: object, name: str) -> int:
@@ -236,16 +213,10 @@ class PagedAdamW(torch.optim.Optimizer):
         if sum(state_bytes(param) for param in params) <= self._budget_bytes:
             return set(), 0
         staging = STAGING_PAGES * self.page_bytes
-        if self._page_bytes_arg is None and PAGE_ALIGN <= self.page_bytes < (
-            MIN_SENSIBLE_PAGE_BYTES
-        ):
-            warnings.warn(
-                f"budget_bytes={self._budget_bytes} gives pages of {self.page_bytes} bytes "
-                f"(budget_bytes // 32): paging in pages below {MIN_SENSIBLE_PAGE_BYTES} bytes is "
-                "very slow; raise budget_bytes to at least "
-                f"{32 * MIN_SENSIBLE_PAGE_BYTES} or pass page_bytes",
-                stacklevel=4,
-            )
+        if self._page_bytes_arg is None and PAGE_ALIGN <= self.page_bytes < MIN_SENSIBLE_PAGE_BYTES:
+            warnings.warn(f"budget_bytes={self._budget_bytes} gives {self.page_bytes}-byte pages "
+                          f"(budget_bytes // 32), below {MIN_SENSIBLE_PAGE_BYTES}: paging is very "
+                          "slow; raise budget_bytes or pass page_bytes", stacklevel=4)
         if self.page_bytes < PAGE_ALIGN:
             raise ValueError(
                 f"budget_bytes={self._budget_bytes} is too small to page: the default page is "
@@ -491,24 +462,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 f"state_dict must come from PagedAdamW.state_dict() (tag {OPTIMIZER_TAG!r}), "
                 f"got tag {found!r}: a state dict of another optimizer cannot be loaded"
             )
-        groups, states = state_dict.get("param_groups"), state_dict.get("state")
-        if not isinstance(groups, list) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
-        ) or not isinstance(states, dict):
-            raise ValueError("state_dict must hold 'param_groups' (a list of dicts with "
-                             "'params') and 'state' (a dict)")
-        indexes = [index for saved in groups for index in saved["params"]]
-        if len(set(indexes)) != len(indexes) or not set(states) <= set(indexes):
-            unknown = sorted(map(repr, set(states) - set(indexes)))
-            raise ValueError(f"state_dict's 'state' keys must be the parameter indexes of its "
-                             f"param_groups ({len(indexes)}, each once), got unknown keys "
-                             f"{unknown[:5]}")
-        for number, saved in enumerate(groups):
-            missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in saved]
-            if missing:
-                raise ValueError(f"state_dict param_groups[{number}] lacks {missing}")
-            check_hyperparameters(saved["lr"], saved["betas"], saved["eps"],
-                                  saved["weight_decay"], f"state_dict param_groups[{number}]: ")
+        groups, states = check_state_dict(state_dict)
         if len(groups) != len(self.param_groups) or any(
             len(saved["params"]) != len(group["params"])
             for saved, group in zip(groups, self.param_groups, strict=True)
@@ -524,22 +478,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 if index not in states:
                     continue
                 values = states[index]
-                if not isinstance(values, dict):
-                    raise ValueError(f"state of parameter {index} must be a dict")
-                if set(values) != set(STATE_KEYS):
-                    raise ValueError(
-                        f"state of parameter {index} has keys {sorted(values)}, "
-                        f"expected {sorted(STATE_KEYS)}"
-                    )
-                step = values["step"]
-                step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
-                if not (isinstance(step, int | float) and math.isfinite(step) and step >= 0):
-                    raise ValueError(f"state 'step' of parameter {index} must be a number >= 0, "
-                                     f"got {step!r}")
                 for key in ("exp_avg", "exp_avg_sq"):
-                    if not isinstance(values[key], Tensor) or not values[key].is_floating_point():
-                        raise ValueError(f"state {key!r} of parameter {index} must be a float "
-                                         "tensor")
                     if values[key].shape != param.shape:
                         raise ValueError(
                             f"state {key!r} of parameter {index} has shape "

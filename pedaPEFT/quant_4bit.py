@@ -36,7 +36,6 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from pedaPEFT.kernels import check_4bit_layout
 from pedaPEFT.quant_absmax import (
     blockwise_absmax_dequantize,
     blockwise_absmax_quantize,
@@ -244,6 +243,71 @@ def quantize_4bit(
         nested_code=dynamic_code().to(w.device),
         dq_blocksize=dq_blocksize,
     )
+
+
+def check_4bit_layout(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n: int,
+    blocksize: int,
+    dq_blocksize: int,
+) -> None:
+    """Check that the arguments describe one packed 4-bit tensor of ``n`` elements.
+
+    Only shapes, dtypes and devices are read (no data, no device synchronisation), so the
+    check costs microseconds and runs on every call: ``packed`` uint8 with ceil(n/2) bytes,
+    ``absmax`` one entry per block (uint8 codes with double quantization, float without),
+    a float ``code`` of 16 entries, and with double quantization a 256-entry float
+    ``nested_code``, one float ``nested_absmax`` per ``dq_blocksize`` blocks and a one-element
+    float ``offset``. Raises ``ValueError`` (``TypeError`` for dtypes) naming the argument.
+    """
+    for name, value in (("n", n), ("blocksize", blocksize)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8 (two 4-bit codes per byte), got {packed.dtype}")
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes, n={n} needs ceil(n/2) = "
+                         f"{(n + 1) // 2}")
+    n_blocks = -(-n // blocksize)
+    if absmax.dim() != 1 or absmax.numel() != n_blocks:
+        raise ValueError(f"absmax must be 1-D with one entry per block: n={n} in blocks of "
+                         f"{blocksize} needs {n_blocks}, got shape {tuple(absmax.shape)}")
+    if not code.is_floating_point() or code.numel() != 16:
+        raise ValueError(f"code must be a float table of 16 entries, got {code.numel()} "
+                         f"of {code.dtype}")
+    nested = (nested_absmax, nested_code, offset)
+    double_quant = all(t is not None for t in nested)
+    if not double_quant and any(t is not None for t in nested):
+        raise ValueError("nested_absmax, nested_code and offset must be given all together "
+                         "(double quantization) or all be None")
+    if not double_quant:
+        if not absmax.is_floating_point():
+            raise TypeError(f"absmax must be float without double quantization, got "
+                            f"{absmax.dtype}")
+    else:
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"absmax must be uint8 codes with double quantization, got "
+                            f"{absmax.dtype}")
+        if isinstance(dq_blocksize, bool) or not isinstance(dq_blocksize, int) or dq_blocksize < 1:
+            raise ValueError(f"dq_blocksize must be an integer >= 1, got {dq_blocksize!r}")
+        if not nested_code.is_floating_point() or nested_code.numel() != 256:
+            raise ValueError(f"nested_code must be a float table of 256 entries, got "
+                             f"{nested_code.numel()} of {nested_code.dtype}")
+        n_nested = -(-n_blocks // dq_blocksize)
+        if not nested_absmax.is_floating_point() or nested_absmax.numel() != n_nested:
+            raise ValueError(f"nested_absmax must hold {n_nested} floats ({n_blocks} blocks in "
+                             f"groups of {dq_blocksize}), got {nested_absmax.numel()} of "
+                             f"{nested_absmax.dtype}")
+        if not offset.is_floating_point() or offset.numel() != 1:
+            raise ValueError(f"offset must be one float, got {offset.numel()} of {offset.dtype}")
+    devices = {t.device for t in (packed, absmax, code, *nested) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"every tensor must be on one device, got {sorted(map(str, devices))}")
 
 
 def check_state(state: QuantState) -> None:

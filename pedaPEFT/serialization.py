@@ -22,10 +22,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from pedaPEFT.files import atomic_write, finish_interrupted_write, write_files_atomically
+from pedaPEFT.files import (
+    atomic_write,
+    finish_interrupted_write,
+    read_tensors,
+    write_files_atomically,
+)
 from pedaPEFT.lora import LoRAConfig, LoRALinear, check_flag, check_lora_base, lora_layers
 from pedaPEFT.qlora import BaseFormat, QLoRALinear, QuantLinear, qlora_layers
 from pedaPEFT.quant_4bit import check_state_values
@@ -166,48 +171,8 @@ def _pattern_value(name: str, pattern: dict, default: object) -> object:
     return default
 
 
-def read_tensors(file: Path, expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]]
-                 ) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors ``file``, checked against ``expected`` before any is read.
-
-    ``expected`` maps each key to (shape, dtype or None for "any float"). The header's keys and
-    shapes are compared first (nothing is allocated for a file that claims other shapes); then
-    the tensors are read and every float one must be finite. Raises ``ValueError`` naming the
-    file and the key.
-    """
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error type for corrupt headers
-        raise ValueError(f"{file}: truncated or not a safetensors file ({error})") from None
-    missing = sorted(set(expected) - set(shapes))
-    extra = sorted(set(shapes) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"{file}: keys do not match the model; missing keys: {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {extra[:8]}"
-            f"{' ...' if len(extra) > 8 else ''}"
-        )
-    wrong = [f"{key}: file {shapes[key]} vs model {shape}"
-             for key, (shape, _) in expected.items() if shapes[key] != tuple(shape)]
-    if wrong:
-        raise ValueError(f"{file}: tensors of the wrong shape: " + "; ".join(wrong[:8]))
-    try:
-        tensors = load_file(str(file))
-    except Exception as error:
-        raise ValueError(f"{file}: truncated or not a safetensors file ({error})") from None
-    for key, (_, dtype) in expected.items():
-        tensor = tensors[key]
-        if dtype is None and not tensor.is_floating_point():
-            raise ValueError(f"{file}: {key} must be a float tensor, got {tensor.dtype}")
-        if dtype is not None and tensor.dtype != dtype:
-            raise ValueError(f"{file}: {key} must be {dtype}, got {tensor.dtype}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{file}: {key} holds NaN or inf")
-    return tensors
-
-
 def _check_same(name: str, field: str, saved: object, ours: object, file: Path) -> None:
+    """Refuse a layer whose setting differs from the file's, naming both values."""
     if saved != ours:
         raise ValueError(
             f"{file}: the adapter for {name!r} was saved with {field}={saved!r}, the model's "
@@ -319,8 +284,7 @@ def _read_layers(file: Path) -> dict[str, dict[str, object]]:
     try:
         layers = json.loads(text)["layers"]
     except (json.JSONDecodeError, TypeError, KeyError) as error:
-        raise ValueError(f"{file}: metadata {FORMAT_KEY} must be JSON with 'layers' ({error!r})"
-                         ) from None
+        raise ValueError(f"{file}: metadata {FORMAT_KEY} needs JSON 'layers' ({error!r})") from None
     if not isinstance(layers, dict) or not layers:
         raise ValueError(f"{file}: metadata 'layers' must map layer names to formats")
     checked = {}

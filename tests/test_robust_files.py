@@ -166,7 +166,7 @@ def checkpoint_bytes() -> bytes:
 @settings(max_examples=30, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(data=st.data())
 def test_a_checkpoint_with_changed_bytes_is_refused_or_unchanged(tmp_path_factory, data):
-    from pedaPEFT import train
+    from pedaPEFT import checkpoints, train
 
     raw = bytearray(checkpoint_bytes())
     at = data.draw(st.integers(0, len(raw) - 1))
@@ -183,7 +183,7 @@ def test_a_checkpoint_with_changed_bytes_is_refused_or_unchanged(tmp_path_factor
         return
     # Loaded: the byte was one the reader never uses (zip padding, a duplicate header), and
     # the recorded SHA-256 proves every value is the one saved.
-    assert state["sha256"] == train.content_digest(state)
+    assert state["sha256"] == checkpoints.content_digest(state)
 
 
 # --------------------------------------------------------------------------- bitsandbytes dicts
