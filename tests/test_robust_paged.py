@@ -76,7 +76,7 @@ def test_a_hostile_state_dict_is_refused_and_changes_nothing(corrupt, message):
 
 def test_tiny_automatic_pages_warn_and_explicit_pages_do_not():
     big = [nn.Parameter(torch.zeros(20_000))]
-    with pytest.warns(UserWarning, match=f"below {MIN_SENSIBLE_PAGE_BYTES} bytes"):
+    with pytest.warns(UserWarning, match=f"below {MIN_SENSIBLE_PAGE_BYTES}: paging is very slow"):
         PagedAdamW(big, budget_bytes=256 * 32)
     import warnings
 
