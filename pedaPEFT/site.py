@@ -233,20 +233,6 @@ def api_page() -> str:
     return "\n".join(parts)
 
 
-PUBLISH_TEXT = """\
-## Publishing this website
-
-```bash
-python -m pedaPEFT site --out _site
-```
-
-builds the site from the stored notebooks in about a minute, without running them. `_site/`
-is self-contained (scripts, styles, fonts and the MathJax renderer are inside it): open
-`_site/index.html` in a browser, or copy the folder to any static host — a course web server,
-GitHub Pages, an object store bucket, a USB stick for a lab without a network.
-"""
-
-
 def write_sources(source: Path, repo_dir: Path = REPO_DIR) -> list[str]:
     """Write the Sphinx source tree of the site into ``source``; return its page names."""
     readme = markdown_sections((repo_dir / "README.md").read_text(encoding="utf-8"))
@@ -321,7 +307,9 @@ def write_sources(source: Path, repo_dir: Path = REPO_DIR) -> list[str]:
     exercises = re.search(r"### Exercises\n(.*?)(?=\n## |\n### |\Z)", lessons_body, re.S)
     if exercises:
         instructor.append(f"## Exercises and student notebooks\n{from_repo(exercises.group(1))}")
-    instructor.append(PUBLISH_TEXT)
+    website = find_section(readme, "website")
+    if website:
+        instructor.append(f"## Publishing this website\n\n{from_repo(website[1])}")
     contributing = (repo_dir / "CONTRIBUTING.md").read_text(encoding="utf-8")
     instructor.append(from_repo(demote_headings(contributing)))
     (source / "instructor.md").write_text("\n".join(instructor), encoding="utf-8")

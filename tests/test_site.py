@@ -31,10 +31,6 @@ MATH_OUTPUT = ".MathJax, .MathJax_Display, .MathJax_CHTML, .MathJax_SVG, mjx-con
 # lesson pages share one, so two of them stand for all).
 AXE_PAGES = {"index.html", "errata.html", "instructor.html", "docs/coverage.html",
              "lessons/02_svd_low_rank.html", "lessons/07_nf4.html"}
-# axe-core takes 10-60 s a page on a 2-core machine; it scans one page of each template (the
-# lesson pages share one, so two of them stand for all).
-AXE_PAGES = {"index.html", "errata.html", "instructor.html", "docs/coverage.html",
-             "lessons/02_svd_low_rank.html", "lessons/07_nf4.html"}
 RAW_MATH = r"\$\$|\\\(|\\\)|\\\[|\\\]|\$[^$\s][^$]*[\\^_{][^$]*\$"
 
 
