@@ -125,6 +125,40 @@ def test_site_refuses_to_overwrite_a_folder_that_is_not_a_site(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+def test_launch_links_must_point_at_files_of_the_repository():
+    from pedaPEFT import site
+
+    site.check_launch_targets(["lessons/student/01_matrix_rank.ipynb"], ROOT)
+    with pytest.raises(site.SiteError, match="lessons/student/99_missing.ipynb"):
+        site.check_launch_targets(["lessons/student/99_missing.ipynb"], ROOT)
+    with pytest.raises(site.SiteError, match="REPOSITORY_URL"):
+        site.github_slug("https://example.org/course")
+
+
+def test_links_from_repository_markdown_point_at_the_site_or_the_repository():
+    import pedaPEFT
+    from pedaPEFT import site
+
+    text = ("[a](lessons/01_matrix_rank.ipynb) [b](CONTRIBUTING.md) [c](benchmarks/README.md#x) "
+            "[d](https://example.org) [e](no_such_file.md)")
+    rewritten = site.rewrite_links(text, "", {"lessons/01_matrix_rank.ipynb"}, ROOT)
+    assert rewritten == (
+        "[a](lessons/01_matrix_rank.ipynb) [b](instructor.md) "
+        f"[c]({pedaPEFT.REPOSITORY_URL}/blob/main/benchmarks/README.md#x) "
+        "[d](https://example.org) [e](no_such_file.md)"
+    )
+
+
+def test_docstrings_read_as_written():
+    from pedaPEFT import site
+
+    lines = ["The block:", "", "    x = x + f(x)", "    y = |x|", "", "Pass if |a - b| <= tol, "
+             "``a | b`` kept."]
+    assert site.plain_docstring_lines(lines) == [
+        "The block::", "", "    x = x + f(x)", "    y = |x|", "",
+        "Pass if \\|a - b\\| <= tol, ``a | b`` kept."]
+
+
 # ---------------------------------------------------------------------------------------------
 # In the browser
 
@@ -316,6 +350,8 @@ def test_screenshots_of_home_and_two_lessons(browser, server, tmp_path):
         page.goto(server.base + page_path, wait_until="load")
         if page.locator('script[src*="MathJax.js"]').count():
             assert page.evaluate(WAIT_FOR_MATHJAX) == "typeset"
+        if name == "nf4":  # its first figure, with the math around it
+            page.locator(".cell_output img").first.scroll_into_view_if_needed()
         shot = tmp_path / f"{name}.png"
         page.screenshot(path=str(shot))
         pixels = matplotlib.image.imread(shot)
