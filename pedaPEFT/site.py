@@ -390,6 +390,7 @@ def sphinx_config() -> dict:
         "myst_update_mathjax": False,
         "myst_heading_anchors": 3,
         "autodoc_member_order": "bysource",
+        "highlight_language": "text",  # preformatted docstring blocks are formulas, not code
         "autodoc_typehints": "signature",
         "html_theme": "sphinx_book_theme",
         "html_title": "pedaPEFT",
