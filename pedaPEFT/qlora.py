@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pedaPEFT import kernels, lora, quant
+from pedaPEFT import fused_gemm, kernels, lora, quant
 from pedaPEFT.adapters import find_targets
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -401,6 +401,8 @@ class QLoRALinear(nn.Module):
         return self.base_layer.compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_gemm.applies(self, x):  # one autograd node, dequantization inside the GEMM
+            return fused_gemm.qlora_forward(self, x)
         x_c = x.to(self.compute_dtype)
         return (self.base_layer(x_c) + self.lora_output(x_c)).to(x.dtype)
 
