@@ -92,9 +92,11 @@ if triton is not None:
         else:
             scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
         if ALIGNED:
-            values = tl.reshape(pair, (ROWS, GROUPS, BLOCKSIZE)) * scale[:, :, None]
-            return tl.reshape(values, (ROWS, 2 * BYTES))
-        return tl.reshape(pair * scale[:, :, None], (ROWS, 2 * BYTES))
+            values = tl.reshape(tl.reshape(pair, (ROWS, GROUPS, BLOCKSIZE)) * scale[:, :, None],
+                                (ROWS, 2 * BYTES))
+        else:
+            values = tl.reshape(pair * scale[:, :, None], (ROWS, 2 * BYTES))
+        return values
 
     def _configs(tile_m, tile_n, tile_k):
         """Tiles (rows of the input, weight rows, weight columns), warps, pipeline stages."""
