@@ -51,6 +51,7 @@ LABELS = {"peft_lora": "PEFT LoRA bf16", "ours_lora": "pedaPEFT LoRA bf16",
 ROWS: list[dict] = []
 NOTES: list[str] = []
 RESULTS: dict = {}
+DEADLINE = [float("inf")]  # perf_counter time after which optional sections are skipped
 
 
 def row(section, metric, value, goal="", ok=None, unit=""):
@@ -100,7 +101,7 @@ def ceilings(device, smoke):
 
 def crossover(device, copy_bw, gemm, smoke):
     shapes = [(256, 128)] if smoke else [(4096, 4096), (16384, 4096), (4096, 16384)]
-    rows_list = [1, 16, 64, 128] if smoke else [1, 16, 64, 128, 256, 512, 1024, 2048]
+    rows_list = [1, 16, 64, 128] if smoke else [1, 16, 64, 128, 256, 512, 2048]
     r, s = 16, 1.0
     table = []
     for N, K in shapes:
@@ -146,6 +147,19 @@ def crossover(device, copy_bw, gemm, smoke):
         del weight, base, dense
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     RESULTS["crossover"] = table
+    for direction in ("forward", "input_grad"):
+        wins = [M for M in rows_list
+                if all(e[direction]["fused_s"] <= e[direction]["dequant_cublas_s"]
+                       for e in table if e["M"] == M)]
+        limit = 0
+        for M in rows_list:  # the largest M up to which the fused kernel wins on every shape
+            if M not in wins:
+                break
+            limit = M
+        fused_gemm.FUSED_MAX_ROWS[direction] = limit
+        row("crossover", f"{direction}: fused kernel used up to M = (set for the model section "
+            "below)", str(limit))
+    RESULTS["fused_max_rows"] = dict(fused_gemm.FUSED_MAX_ROWS)
     for direction in ("forward", "input_grad"):
         for N, K in shapes:
             entries = [e for e in table if (e["N"], e["K"]) == (N, K)]
@@ -351,12 +365,39 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, smoke):
             row(f"decode T={T}", f"forward, pedaPEFT QLoRA / {LABELS[base]}", ratio, "<= 0.6",
                 ratio <= 0.6)
     RESULTS["decode"] = decode
+    if torch.cuda.is_available():
+        import triton.testing
+
+        replay = {}
+        for T in decode_T:
+            idx = torch.randint(0, config.vocab_size, (1, T), device=device)
+            for m in ("peft_lora", "ours_lora", "ours_qlora"):
+                try:
+                    replay[(m, T)] = triton.testing.do_bench_cudagraph(
+                        lambda run=runs[m], idx=idx: run.forward(idx), rep=100,
+                        return_mode="median") * 1e-3
+                except Exception:
+                    NOTES.append(f"graph capture of the {LABELS[m]} forward failed: "
+                                 + traceback.format_exc().splitlines()[-1])
+            if ("ours_qlora", T) in replay and ("peft_lora", T) in replay:
+                q = replay[("ours_qlora", T)]
+                row(f"decode T={T}, graph replay (GPU time, L2 not flushed)",
+                    "forward: PEFT LoRA bf16 / pedaPEFT LoRA bf16 / pedaPEFT QLoRA",
+                    f"{replay[('peft_lora', T)] * 1e3:.3f} / "
+                    f"{replay.get(('ours_lora', T), float('nan')) * 1e3:.3f} / {q * 1e3:.3f} ms")
+                row(f"decode T={T}, graph replay (GPU time, L2 not flushed)",
+                    "pedaPEFT QLoRA / PEFT LoRA bf16", q / replay[("peft_lora", T)])
+        RESULTS["decode_graph_replay"] = {f"{m} T={T}": v for (m, T), v in replay.items()}
     compiled = {}
     for m in ("ours_qlora", "ours_lora"):
         runs[m].compiled = torch.compile(runs[m].model)
     for T in compile_T:
         idx = torch.randint(0, config.vocab_size, (1, T), device=device)
         for m in ("ours_qlora", "ours_lora"):
+            if time.perf_counter() > DEADLINE[0]:
+                NOTES.append(f"compile of {LABELS[m]} at T={T} skipped: the run's time budget "
+                             "was spent")
+                continue
             run = runs[m]
             start = time.perf_counter()
             try:
@@ -402,7 +443,10 @@ def main(argv=None):
     parser.add_argument("--compile-T", default="512,2048")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no compilation after this many seconds")
     args = parser.parse_args(argv)
+    DEADLINE[0] = time.perf_counter() + args.budget_s
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --smoke)")

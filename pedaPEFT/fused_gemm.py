@@ -59,31 +59,28 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                         offset_ptr, rows, n_rows, first_byte, half_k,
-                         ROWS: tl.constexpr, BYTES: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                         DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                         ALIGNED: tl.constexpr):
-        """Weights W[rows, 2·first_byte : 2·(first_byte + BYTES)] as float32, shape
-        (ROWS, 2·BYTES); zero-code values (finite) where the tile leaves the weight.
+                         offset_ptr, rows, n_rows, k0, K, COLS: tl.constexpr,
+                         BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                         DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr):
+        """Weights W[rows, k0 : k0 + COLS] as float32, shape (len(rows), COLS); finite values
+        (later multiplied by zeros) where the tile leaves the weight.
 
-        Byte j of row n is flat byte n·K/2 + j (K even), its high nibble the even element.
-        ALIGNED (K and the tile width multiples of the blocksize): one scale per
-        (row, block) of the tile, broadcast over the block; otherwise one scale per byte.
+        Element (n, k) is flat index i = n·K + k: byte i // 2, high nibble when i is even (K
+        even, so the parity of i is the parity of k). ALIGNED (K a multiple of the blocksize,
+        COLS dividing it): the tile's columns lie in one quantization block per row, so one
+        scale per row is rebuilt and broadcast; otherwise one scale per element.
         """
-        cols = first_byte + tl.arange(0, BYTES)
-        inside = (rows[:, None] < n_rows) & (cols[None, :] < half_k)
-        byte_index = rows[:, None] * half_k + cols[None, :]                     # (ROWS, BYTES)
-        byte = tl.load(packed_ptr + byte_index, mask=inside, other=0).to(tl.int32)
-        pair = tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))
+        cols = k0 + tl.arange(0, COLS)
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
+        index = rows[:, None] * K + cols[None, :]                               # (ROWS, COLS)
+        byte = tl.load(packed_ptr + (index >> 1), mask=inside, other=0).to(tl.int32)
+        nibble = (byte >> ((1 - (cols[None, :] & 1)) * 4)) & 15
+        value = tl.load(code_ptr + nibble)
         if ALIGNED:
-            GROUPS: tl.constexpr = 2 * BYTES // BLOCKSIZE
-            group = tl.arange(0, GROUPS)
-            block = rows[:, None] * (2 * half_k // BLOCKSIZE) + (2 * first_byte // BLOCKSIZE
-                                                                  + group[None, :])
-            block_ok = (rows[:, None] < n_rows) & (2 * first_byte + group[None, :] * BLOCKSIZE
-                                                   < 2 * half_k)
+            block = (rows * K + k0) // BLOCKSIZE                                # (ROWS,)
+            block_ok = rows < n_rows
         else:
-            block = byte_index // (BLOCKSIZE // 2)                             # (ROWS, BYTES)
+            block = index // BLOCKSIZE                                          # (ROWS, COLS)
             block_ok = inside
         if DOUBLE_QUANT:
             q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
@@ -92,44 +89,43 @@ if triton is not None:
         else:
             scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
         if ALIGNED:
-            values = tl.reshape(tl.reshape(pair, (ROWS, GROUPS, BLOCKSIZE)) * scale[:, :, None],
-                                (ROWS, 2 * BYTES))
+            values = value * scale[:, None]
         else:
-            values = tl.reshape(pair * scale[:, :, None], (ROWS, 2 * BYTES))
+            values = value * scale
         return values
 
-    def _configs(tile_m, tile_n, tile_k):
-        """Tiles (rows of the input, weight rows, weight columns), warps, pipeline stages."""
-        small = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3),
-                 (16, 64, 256, 8, 3)]
-        large = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                 (128, 256, 64, 8, 3)]
-        configs = []
-        for bm, b_rows, b_cols, warps, stages in small + large:
-            for m in ((16, 32, 64) if bm == 16 else (bm,)):
-                configs.append(triton.Config({tile_m: m, tile_n: b_rows, tile_k: b_cols},
-                                             num_warps=warps, num_stages=stages))
+    def _configs():
+        """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Up to 64 input rows: a 16..64-row tile
+        and narrow weight tiles, so that even one row spreads over every multiprocessor (the
+        input-gradient kernel's programs own BLOCK_K output columns); above: square tiles."""
+        small = [(32, 64, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4), (128, 32, 4, 4)]
+        large = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+                                 num_warps=w, num_stages=st)
+                   for m in (16, 32, 64) for n, k, w, st in small]
+        configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+                                  num_warps=w, num_stages=st) for m, n, k, w, st in large]
         return configs
 
     def _prune(configs, named_args, **kwargs):
-        """Keep the configs made for M: up to 64 rows, the narrow-row, long-K tiles whose row
-        tile is the smallest power of two >= M; above, the square tiles (BLOCK_K = 64)."""
+        """Keep the configs made for M: up to 64 rows, those whose row tile is the smallest
+        power of two >= M (at least 16); above, the large tiles."""
         m = named_args["M"]
         if m <= 64:
             want = max(16, _next_power_of_2(m))
-            kept = [c for c in configs if c.kwargs["BLOCK_K"] > 64 and c.kwargs["BLOCK_M"] == want]
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] == want]
         else:
-            kept = [c for c in configs if c.kwargs["BLOCK_K"] == 64]
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] == 128]
         return kept or configs[:1]
 
     def _aligned(args):
-        return args["K"] % args["BLOCKSIZE"] == 0 and args["BLOCK_K"] % args["BLOCKSIZE"] == 0
+        return args["K"] % args["BLOCKSIZE"] == 0 and args["BLOCK_K"] <= args["BLOCKSIZE"]
 
-    @triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    @triton.autotune(configs=_configs(),
                      key=["m_bucket", "N", "K", "HAS_LORA"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.heuristics({"ALIGNED": _aligned})
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "rank", "m_bucket"])
     def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
                         nested_code_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr,
                         M, N, K, rank, scaling, m_bucket,
@@ -147,8 +143,8 @@ if triton is not None:
             x = tl.load(x_ptr + rows_m[:, None] * K + cols[None, :],
                         mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
             w = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                 nested_code_ptr, offset_ptr, rows_n, N, k0 // 2, K // 2,
-                                 BLOCK_N, BLOCK_K // 2, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT,
+                                 nested_code_ptr, offset_ptr, rows_n, N, k0, K, BLOCK_K,
+                                 BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT,
                                  ALIGNED)                                     # (BLOCK_N, BLOCK_K)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         if HAS_LORA:
@@ -163,11 +159,11 @@ if triton is not None:
         tl.store(y_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
 
-    @triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    @triton.autotune(configs=_configs(),
                      key=["m_bucket", "N", "K", "HAS_LORA"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.heuristics({"ALIGNED": _aligned})
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "rank", "m_bucket"])
     def _input_grad_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
                            nested_code_ptr, offset_ptr, lora_in_ptr, lora_a_ptr, out_ptr,
                            M, N, K, rank, scaling, m_bucket,
@@ -185,8 +181,8 @@ if triton is not None:
             g = tl.load(g_ptr + rows_m[:, None] * N + rows_n[None, :],
                         mask=(rows_m[:, None] < M) & (rows_n[None, :] < N), other=0.0)
             w = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                 nested_code_ptr, offset_ptr, rows_n, N, k0 // 2, K // 2,
-                                 BLOCK_N, BLOCK_K // 2, BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT,
+                                 nested_code_ptr, offset_ptr, rows_n, N, k0, K, BLOCK_K,
+                                 BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT,
                                  ALIGNED)                                     # (BLOCK_N, BLOCK_K)
             acc = tl.dot(g, w.to(g.dtype), acc)
         if HAS_LORA:
@@ -231,17 +227,31 @@ def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, trans
     lora_args = (lora_in, lora_weight) if has_lora else (a, a)  # never read without LoRA
     m_bucket = min(_next_power_of_2(M), 1024)
     if transposed:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
-        _input_grad_kernel[grid](a, *tensors, *lora_args, out, M, N, K, rank, float(scaling),
-                                 m_bucket, enable_fp_fusion=False, **common)
+        kernel, tiles = _input_grad_kernel, (M, K, "BLOCK_K")
+        args = (a, *tensors, *lora_args, out, M, N, K, rank, float(scaling), m_bucket)
     else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-        _forward_kernel[grid](a, *tensors, bias if bias is not None else a, *lora_args, out,
-                              M, N, K, rank, float(scaling), m_bucket,
-                              HAS_BIAS=bias is not None, enable_fp_fusion=False, **common)
+        kernel, tiles = _forward_kernel, (M, N, "BLOCK_N")
+        common["HAS_BIAS"] = bias is not None
+        args = (a, *tensors, bias if bias is not None else a, *lora_args, out, M, N, K, rank,
+                float(scaling), m_bucket)
+
+    def grid(meta):
+        return (triton.cdiv(tiles[0], meta["BLOCK_M"]), triton.cdiv(tiles[1], meta[tiles[2]]))
+
+    key = (transposed, m_bucket, N, K, a.dtype, a.device, tuple(sorted(common.items())))
+    tuned = _TUNED.get(key)
+    if tuned is None:  # first use: the autotuner times its configs and launches the best one
+        kernel[grid](*args, enable_fp_fusion=False, **common)
+        best = kernel.best_config
+        aligned = K % blocksize == 0 and best.kwargs["BLOCK_K"] <= blocksize
+        _TUNED[key] = {**best.all_kwargs(), "ALIGNED": aligned}
+    else:  # later calls skip the autotuner's and heuristics' Python (tens of us per launch)
+        kernel.fn.fn[grid](*args, enable_fp_fusion=False, **common, **tuned)
     return out
+
+
+_TUNED: dict[tuple, dict] = {}
+"""Best launch configuration per (direction, row bucket, shape, dtype, device, constants)."""
 
 
 def _dequantize_then_matmul(a, stored, out_features, in_features, blocksize, dq_blocksize,

@@ -32,8 +32,8 @@ def _quantized(n_out, n_in, quant_type, double_quant, blocksize, seed):
 # (M, N, K, blocksize): M from one row to several row tiles; K ragged against every tile
 # width (200, 130, 4160), rows that cross quantization blocks (K % blocksize != 0), N not a
 # multiple of any tile.
-SHAPES = [(1, 256, 512, 64), (7, 96, 200, 64), (16, 4096, 4096, 64), (33, 1000, 130, 64),
-          (64, 512, 4160, 64), (100, 200, 320, 32), (300, 384, 256, 128), (129, 72, 4096, 64)]
+SHAPES = [(1, 256, 512, 64), (7, 96, 200, 64), (33, 1000, 130, 64), (64, 512, 4160, 64),
+          (100, 200, 320, 32), (300, 384, 256, 128)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -127,7 +127,7 @@ def _tiny_qlora_model(seed):
 def test_a_whole_training_step_replays_from_a_cuda_graph():
     """Forward, backward and AdamW of the QLoRA tiny GPT captured once, then replayed: the
     same losses as eager steps taken from the same start."""
-    batches = [torch.randint(0, 48, (8, 16), device=CUDA) for _ in range(6)]
+    batches = [torch.randint(0, 48, (2, 16), device=CUDA) for _ in range(6)]  # M = 32: fused
 
     def step(model, optimizer, params, idx):
         for p in params:
@@ -170,7 +170,7 @@ def test_a_whole_training_step_replays_from_a_cuda_graph():
 
 def test_compiled_qlora_model_matches_eager_without_graph_breaks():
     model = _tiny_qlora_model(1)
-    idx = torch.randint(0, 48, (4, 16), device=CUDA)
+    idx = torch.randint(0, 48, (4, 16), device=CUDA)  # M = 64 rows: the fused kernel
     explanation = torch._dynamo.explain(model)(idx)
     assert explanation.graph_break_count == 0
     torch._dynamo.reset()
