@@ -261,7 +261,7 @@ class Run:
     def step(self, idx, model=None):
         fused_gemm.ENABLED = self.method != "ours_qlora_unfused"
         try:
-            logits = (model or self.model)(idx)
+            logits = (self.model if model is None else model)(idx)
             loss = F.cross_entropy(logits.float().view(-1, self.vocab), idx.view(-1))
             loss.backward()
             self.optimizer.step()
@@ -273,7 +273,7 @@ class Run:
     def forward(self, idx, model=None):
         fused_gemm.ENABLED = self.method != "ours_qlora_unfused"
         try:
-            return (model or self.model)(idx)
+            return (self.model if model is None else model)(idx)
         finally:
             fused_gemm.ENABLED = True
 
@@ -299,18 +299,17 @@ def peak_above(fn):
     return torch.cuda.max_memory_allocated() - base
 
 
-def models(device, config, bnb, peft, train_T, decode_T, compile_T, smoke):
+def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
     gib = 2**30
-    methods = METHODS + ["ours_qlora_unfused"]
-    if bnb is None:
-        methods.remove("bnb_qlora")
+    if bnb is None and "bnb_qlora" in methods:
+        methods = [m for m in methods if m != "bnb_qlora"]
         NOTES.append("bitsandbytes is not installed: its column is missing")
     runs = {m: Run(m, config, device, bnb, peft) for m in methods}
     for m, run in runs.items():
         row("memory", f"{LABELS[m]}: model / model + AdamW state (static)",
             f"{run.model_bytes / gib:.3f} / {run.static_bytes / gib:.3f} GiB")
-    largest = 2 * max(layer.in_features * layer.out_features
-                      for layer in lora.lora_layers(runs["ours_lora"].model).values())
+    largest = 2 * max(m.in_features * m.out_features for run in runs.values()
+                      for m in run.model.modules() if isinstance(m, qlora.QuantLinear))
     RESULTS["largest_dense_layer_bytes"] = largest
     measured = {}
     for T in train_T:
@@ -389,11 +388,11 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, smoke):
                     "pedaPEFT QLoRA / PEFT LoRA bf16", q / replay[("peft_lora", T)])
         RESULTS["decode_graph_replay"] = {f"{m} T={T}": v for (m, T), v in replay.items()}
     compiled = {}
-    for m in ("ours_qlora", "ours_lora"):
+    for m in [m for m in ("ours_qlora", "ours_lora") if m in runs]:
         runs[m].compiled = torch.compile(runs[m].model)
     for T in compile_T:
         idx = torch.randint(0, config.vocab_size, (1, T), device=device)
-        for m in ("ours_qlora", "ours_lora"):
+        for m in [m for m in ("ours_qlora", "ours_lora") if m in runs]:
             if time.perf_counter() > DEADLINE[0]:
                 NOTES.append(f"compile of {LABELS[m]} at T={T} skipped: the run's time budget "
                              "was spent")
@@ -442,6 +441,7 @@ def main(argv=None):
     parser.add_argument("--decode-T", default="1,16,64")
     parser.add_argument("--compile-T", default="512,2048")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--methods", default=",".join(METHODS + ["ours_qlora_unfused"]))
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no compilation after this many seconds")
@@ -472,7 +472,7 @@ def main(argv=None):
         "models": lambda: models(device, model_config(smoke, args.layers), bnb, peft,
                                  [t for t in ints(args.train_T) if not smoke or t <= 64]
                                  or [32], ints(args.decode_T), ints(args.compile_T)
-                                 if not smoke else [], smoke),
+                                 if not smoke else [], args.methods.split(",")),
     }
     for key in args.only.split(","):
         try:

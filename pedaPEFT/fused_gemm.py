@@ -22,8 +22,8 @@ Two ways to compute ``x · Wᵀ`` and ``g · W`` (kept both, chosen by the numbe
 * **dequantize + cuBLAS**: one pass writes the dense bf16 weight, then cuBLAS multiplies. The
   fused kernel redoes the dequantization arithmetic once per row tile of the output, on the
   same cores that must also issue the matrix instructions, so past some M the separate pass
-  (paid once) is cheaper. ``FUSED_MAX_ROWS`` holds that crossover, measured on an H200 with
-  ``benchmarks/qlora_model_gpu.py --crossover`` (see ``benchmarks/qlora_model_gpu.md``).
+  (paid once) is cheaper. ``FUSED_MAX_ROWS`` holds that crossover, measured on an H200 by
+  ``benchmarks/qlora_model_gpu.py`` (section "crossover" of ``benchmarks/qlora_model_gpu.md``).
 
 Both paths take the same arguments through :func:`matmul_4bit`, registered as the operator
 ``torch.ops.pedapeft.matmul_4bit`` so that ``torch.compile`` keeps one opaque node. Without
@@ -44,8 +44,15 @@ try:  # CUDA builds of PyTorch ship Triton; a CPU-only install runs the dequanti
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-FUSED_MAX_ROWS = {"forward": 64, "input_grad": 64}
-"""Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring)."""
+FUSED_MAX_ROWS = {"forward": 0, "input_grad": 0}
+"""Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring).
+
+Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30): this kernel is slower
+than dequantize + cuBLAS at every M from 1 to 2048 and for every LLaMA-8B-width shape (at
+M = 1, W 4096 x 4096: 269 us against 77 us; it moves 0.03 TB/s, under 1 % of the copy
+bandwidth), so the crossover is M = 0 and the dispatch never picks it. It is kept, tested
+against the CPU reference, for the day it is made fast: raise these limits to route small M
+through it."""
 
 ENABLED = True
 """``False`` sends ``QLoRALinear`` back to its unfused path (base Function + LoRA branch)."""
