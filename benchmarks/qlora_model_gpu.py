@@ -470,8 +470,8 @@ def main(argv=None):
     sections = {
         "crossover": lambda: crossover(device, copy_bw, gemm, smoke),
         "models": lambda: models(device, model_config(smoke, args.layers), bnb, peft,
-                                 [t for t in ints(args.train_T) if not smoke or t <= 64]
-                                 or [32], ints(args.decode_T), ints(args.compile_T)
+                                 [t for t in ints(args.train_T) if t <= 64] or [32] if smoke
+                                 else ints(args.train_T), ints(args.decode_T), ints(args.compile_T)
                                  if not smoke else [], args.methods.split(",")),
     }
     for key in args.only.split(","):
