@@ -18,7 +18,8 @@ Two ways to compute ``x · Wᵀ`` and ``g · W`` (kept both, chosen by the numbe
   dequantized weight) and feeds the tensor cores, accumulating in float32. The LoRA term
   ``s · (x·Aᵀ) · Bᵀ`` (or ``u · A``) and the bias are added to the same fp32 accumulator before
   the one rounding of the output. The dense weight never exists in memory: 0.52 bytes per weight
-  are read instead of 2, which is what small M (decoding, small batches) is bound by.
+  are read instead of 2, which is what small M (decoding, small batches) is bound by. As
+  written it does not get there (measured below: it is bound by per-element tile work).
 * **dequantize + cuBLAS**: one pass writes the dense bf16 weight, then cuBLAS multiplies. The
   fused kernel redoes the dequantization arithmetic once per row tile of the output, on the
   same cores that must also issue the matrix instructions, so past some M the separate pass
