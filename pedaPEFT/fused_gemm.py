@@ -28,8 +28,8 @@ Two ways to compute ``x · Wᵀ`` and ``g · W`` (kept both, chosen by the numbe
 
 Both paths take the same arguments through :func:`matmul_4bit`, registered as the operator
 ``torch.ops.pedapeft.matmul_4bit`` so that ``torch.compile`` keeps one opaque node. Without
-CUDA or Triton only the second path exists (the dequantization is then ``kernels``' CPU
-reference), so the autograd Function is the same code on every device.
+CUDA or Triton only the second path exists (the dequantization is then ``kernels``' PyTorch
+path), so the autograd Function is the same code on every device.
 """
 
 from __future__ import annotations
