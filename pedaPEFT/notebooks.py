@@ -272,8 +272,8 @@ def code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 
 def is_check_cell(source: str) -> bool:
-    """A check cell calls a helper of :mod:`pedaPEFT.exercises`."""
-    return re.search(r"\bexercises\.check_\w+\(", source) is not None
+    """A check cell calls a helper of :mod:`pedaPEFT.exercises` (``check`` or ``check_*``)."""
+    return re.search(r"\bexercises\.check(_\w+)?\(", source) is not None
 
 
 def load(path: Path) -> nbformat.NotebookNode:

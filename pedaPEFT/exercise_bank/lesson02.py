@@ -1,0 +1,5 @@
+"""Lesson 2's exercises."""
+
+from pedaPEFT.exercise_bank.base import Exercise
+
+EXERCISES: list[Exercise] = []

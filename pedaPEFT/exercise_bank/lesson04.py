@@ -1,0 +1,5 @@
+"""Lesson 4's exercises."""
+
+from pedaPEFT.exercise_bank.base import Exercise
+
+EXERCISES: list[Exercise] = []
