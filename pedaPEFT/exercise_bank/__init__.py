@@ -6,10 +6,22 @@ framework — :class:`~pedaPEFT.exercise_bank.base.Exercise`, ``Mistake`` and th
 check uses — is in :mod:`pedaPEFT.exercise_bank.base`.
 """
 
-from pedaPEFT.exercise_bank import lesson01, lesson02, lesson03, lesson04, lesson05
+from pedaPEFT.exercise_bank import (
+    lesson01,
+    lesson02,
+    lesson03,
+    lesson04,
+    lesson05,
+    lesson06,
+    lesson07,
+    lesson08,
+    lesson09,
+    lesson10,
+)
 from pedaPEFT.exercise_bank.base import Exercise, Mistake
 
-LESSON_MODULES = (lesson01, lesson02, lesson03, lesson04, lesson05)
+LESSON_MODULES = (lesson01, lesson02, lesson03, lesson04, lesson05,
+                  lesson06, lesson07, lesson08, lesson09, lesson10)
 
 
 def _index(modules) -> dict[str, Exercise]:

@@ -61,7 +61,7 @@ def check_dequant_matmul(answer: Any) -> None:
         state = quant.quantize_4bit(_weight(seed))
         weight = quant.dequantize_4bit(state).float()
         x = torch.randn(*x_shape, generator=g, requires_grad=True)
-        y, saved = _record_saved(lambda: call(
+        y, saved = _record_saved(lambda x=x, state=state: call(
             answer.apply, x, state, when_it_fails="forward fails: y = x · dequant(Q)ᵀ with the "
             "dequantized (out, in) weight, for an x of any leading shape"))
         tensor(y, "the output", shape=(*x_shape[:-1], OUT_FEATURES),
