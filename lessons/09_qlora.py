@@ -378,21 +378,22 @@ for source, r, alpha in (("QLoRA, LLaMA runs", 64, 16), ("LoRA paper, GPT-2", 4,
 
 
 # %%
-### BEGIN SOLUTION
 class DequantMatmul(torch.autograd.Function):
     """y = x · dequant(Q)ᵀ without keeping the dense weight for backward."""
 
+    ### BEGIN SOLUTION
     @staticmethod
     def forward(ctx, x, state):
+        """y = x · dequant(Q)ᵀ in x's dtype; remember what backward needs."""
         ctx.state = state
         return x @ quant.dequantize_4bit(state).to(x.dtype).T
 
     @staticmethod
     def backward(ctx, grad_y):
+        """The gradients of forward's inputs, x and state."""
         return grad_y @ quant.dequantize_4bit(ctx.state).to(grad_y.dtype), None
+    ### END SOLUTION
 
-
-### END SOLUTION
 
 # %%
 exercises.check("09-dequant-matmul", DequantMatmul)
@@ -407,11 +408,12 @@ exercises.check("09-dequant-matmul", DequantMatmul)
 
 
 # %%
-### BEGIN SOLUTION
 class QLoRALayer(torch.nn.Module):
     """A frozen NF4 + DQ copy of `linear` plus a trainable low-rank update."""
 
+    ### BEGIN SOLUTION
     def __init__(self, linear, r, alpha):
+        """Quantize and freeze linear; create lora_A, lora_B and the scaling."""
         super().__init__()
         self.base = qlora.QuantLinear.from_linear(linear, compute_dtype=torch.float32)
         self.lora_A = torch.nn.Parameter(torch.empty(r, linear.in_features))
@@ -420,10 +422,10 @@ class QLoRALayer(torch.nn.Module):
         self.scaling = alpha / r
 
     def forward(self, x):
+        """The quantized base's output plus the scaled LoRA branch."""
         return self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T
+    ### END SOLUTION
 
-
-### END SOLUTION
 
 # %%
 exercises.check("09-qlora-layer", QLoRALayer)

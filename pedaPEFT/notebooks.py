@@ -107,8 +107,9 @@ def _stub_for(solution: str, indent: str) -> list[str]:
     lines: list[str] = []
     for statement in tree.body:
         if isinstance(statement, ast.FunctionDef):
-            header = ast.unparse(statement).splitlines()[0]
-            lines.append(indent + header)
+            # the decorators (e.g. @staticmethod), one line each, then the def line
+            header = ast.unparse(statement).splitlines()[: len(statement.decorator_list) + 1]
+            lines += [indent + line for line in header]
             docstring = ast.get_docstring(statement, clean=False)
             if docstring is not None:
                 lines.append(f'{indent}    """{docstring}"""')

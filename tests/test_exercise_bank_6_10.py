@@ -4,7 +4,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
+from pedaPEFT import notebooks
 from pedaPEFT.exercise_bank import lesson06, lesson07, lesson08, lesson09, lesson10
 from pedaPEFT.exercise_bank.base import Mistake
 
@@ -75,3 +77,19 @@ def test_secrets_are_not_in_hints(exercise_id):
             exercise.run(bug)
         except Mistake as failure:
             assert not any(secret in str(failure) for secret in exercise.secrets())
+
+
+def test_student_stub_keeps_the_decorators_of_a_method():
+    source = ("class F(torch.autograd.Function):\n"
+              "    ### BEGIN SOLUTION\n"
+              "    @staticmethod\n"
+              "    def forward(ctx, x):\n"
+              '        """Twice x."""\n'
+              "        return 2 * x\n"
+              "    ### END SOLUTION\n")
+    stub = notebooks.strip_solutions(source)
+    assert "    @staticmethod\n    def forward(ctx, x):\n" in stub
+    namespace = {"torch": torch}
+    exec(stub, namespace)
+    with pytest.raises(NotImplementedError):
+        namespace["F"].apply(torch.ones(1))
