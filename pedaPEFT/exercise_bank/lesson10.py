@@ -197,8 +197,9 @@ def check_pages(answer: Callable) -> None:
             raise Mistake("return a list of (start, stop) element ranges") from None
         per_page = page_bytes // param.element_size()
         pages_in, bytes_in = _pages_moved(param, page_bytes)
-        if ranges and all(stop - start == page_bytes for start, stop in ranges[:-1]) and \
-                per_page != page_bytes:
+        full = ranges[:-1]
+        if full and per_page != page_bytes and all(stop - start == page_bytes
+                                                   for start, stop in full):
             raise Mistake("page_bytes counts bytes: a page holds page_bytes // element_size "
                           "elements of the parameter")
         covered = [i for start, stop in ranges for i in range(start, stop)]
