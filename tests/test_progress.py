@@ -65,3 +65,11 @@ def test_the_list_names_every_exercise(capsys):
     assert main(["progress", "--list"]) == 0
     listing = capsys.readouterr().out
     assert all(f"`{ident}`" in listing for ident in EXERCISES)
+
+
+def test_the_readme_lists_the_exercises_as_the_command_prints_them():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert progress.exercise_list(EXERCISES) in readme, (
+        "README's exercise list is out of date: paste `python -m pedaPEFT progress --list`")
