@@ -180,6 +180,8 @@ def check_array(
     if not isinstance(value, (np.ndarray, torch.Tensor)):
         _fail(name, f"expected a NumPy array or torch tensor, got {type(value).__name__}.", hint)
     target = _as_float_array(expected)
+    if not np.all(np.isfinite(target)):
+        raise ValueError("expected must hold only finite numbers (a NaN would fail every answer)")
     if tuple(value.shape) != target.shape:
         _fail(name, f"expected shape {target.shape}, got {tuple(value.shape)}.", hint)
     try:
@@ -196,20 +198,24 @@ def check_array(
 
 
 def _default_compare(result: Any, expected: Any) -> bool:
-    """Arrays: same shape and ``allclose`` in float64; floats: ``isclose``; others: ``==``."""
+    """Arrays: same shape and ``allclose`` in float64; integers: equal; other real numbers:
+    ``isclose``; anything else: ``==`` giving a single truth value."""
     if isinstance(expected, (np.ndarray, torch.Tensor)):
         if not isinstance(result, (np.ndarray, torch.Tensor, list, tuple)):
             return False
         target = _as_float_array(expected)
         array = _as_float_array(result)
         return array.shape == target.shape and bool(np.allclose(array, target))
-    if isinstance(expected, (float, np.floating)):
+    if not isinstance(expected, bool) and isinstance(expected, (int, float, np.integer,
+                                                                np.floating)):
         value = _as_scalar(result)
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             return False
+        if isinstance(expected, (int, np.integer)) and isinstance(value, (int, np.integer)):
+            return int(value) == int(expected)
         return bool(np.isclose(float(value), float(expected), rtol=1e-9, atol=1e-12))
     same = result == expected
-    return same if isinstance(same, bool) else False
+    return bool(same) if isinstance(same, (bool, np.bool_)) else False
 
 
 def check_function(
