@@ -229,7 +229,8 @@ EXERCISES: list[Exercise] = [
     Exercise(
         id="09-bits-4096",
         lesson=9,
-        title="bits per weight of a 4096 x 4096 NF4 + DQ layer, tables and offset included",
+        title="bits_4096: bits per weight of a 4096 x 4096 NF4 + DQ layer, tables and offset "
+              "included",
         kind="number",
         run=check_bits_4096,
         secrets=_bits_4096_secrets,
