@@ -407,8 +407,9 @@ exercises.check("10-adamw-step", adamw_step)
 # %% [markdown]
 # **Exercise 2.** Write `page_plan(params, budget_bytes, page_bytes)`: which parameters'
 # states a `PagedAdamW` with this budget keeps in host memory, following section 3's rules,
-# and how many bytes of page buffers it needs on the device. Return `(evicted, staging)`: the
-# indices of the evicted parameters, in order, and the staging bytes.
+# and how many bytes of page buffers it needs on the device (its two slots each hold a page of
+# both moments). Return `(evicted, staging)`: the indices of the evicted parameters, in order,
+# and the staging bytes.
 
 
 # %%
