@@ -38,6 +38,7 @@ import nbformat
 CELL_TIMEOUT_S = 120
 NOTEBOOK_TIMEOUT_S = 900
 CHECK_CALL = re.compile(r"exercises\.check\(\s*[\"']([0-9]{2}-[\w-]+)[\"']")
+LESSON_IN_NAME = re.compile(r"(?:^|[^0-9])([0-9]{2})_[A-Za-z]")  # 01_matrix_rank, bob_01_...
 RESULTS = ("passed", "failed", "not attempted", "not run")
 WORKER_EXIT = {3: "kernel died", 4: "could not start a kernel"}
 
@@ -77,7 +78,7 @@ def _exercise_ids(notebook_text: str | None, name: str) -> list[str]:
     ids = [ident for ident in dict.fromkeys(CHECK_CALL.findall(notebook_text or ""))
            if ident in EXERCISES]
     if not ids:
-        lesson = re.match(r"([0-9]{2})_", name)
+        lesson = LESSON_IN_NAME.search(name)
         ids = [ident for ident, exercise in EXERCISES.items()
                if lesson and exercise.lesson == int(lesson.group(1))]
     return ids

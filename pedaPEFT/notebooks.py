@@ -20,6 +20,8 @@ import jupytext
 import nbformat
 from nbclient import NotebookClient
 
+from pedaPEFT import progress
+
 LESSONS_DIR = Path(__file__).resolve().parent.parent / "lessons"
 STUDENT_DIR_NAME = "student"
 BEGIN_SOLUTION = "### BEGIN SOLUTION"
@@ -152,7 +154,11 @@ def student_version(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def execute(notebook: nbformat.NotebookNode, cwd: Path, allow_errors: bool = False):
-    """Run every cell in a fresh ``python3`` kernel started in ``cwd``; return the notebook."""
+    """Run every cell in a fresh ``python3`` kernel started in ``cwd``; return the notebook.
+
+    The kernel records its exercise checks in a throwaway progress file, so building or
+    testing the lessons never touches the author's own progress.
+    """
     client = NotebookClient(
         copy.deepcopy(notebook),
         timeout=CELL_TIMEOUT_S,
@@ -160,7 +166,9 @@ def execute(notebook: nbformat.NotebookNode, cwd: Path, allow_errors: bool = Fal
         allow_errors=allow_errors,
         resources={"metadata": {"path": str(cwd)}},
     )
-    executed = client.execute()
+    with tempfile.TemporaryDirectory(prefix="pedapeft-build-") as scratch:
+        throwaway = Path(scratch) / "progress.json"
+        executed = client.execute(env=dict(os.environ, **{progress.ENV_VARIABLE: str(throwaway)}))
     for cell in executed.cells:
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":
