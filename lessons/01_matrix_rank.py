@@ -397,65 +397,61 @@ for method in ("rref", "svd"):
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1.** Find the rank of
+# Each check cell calls `exercises.check(...)`: it tests your answer on its own matrices and
+# says what is wrong, never what the answer is. `python -m pedaPEFT progress` shows how far
+# you are.
 #
-# $$P = \begin{bmatrix} 1 & 2 & 0 & 3 & 1 \\ 2 & 4 & 1 & 7 & 3 \\ 3 & 6 & 1 & 10 & 4 \\
-# 0 & 0 & 1 & 1 & 1 \end{bmatrix}$$
-#
-# by row reduction. Store it in `rank_of_P` (an integer).
+# **Exercise 1.** Write `rref(A, tol=1e-9)`: the reduced row echelon form of `A` and the
+# indices of its pivot columns, by Gauss–Jordan elimination. Column by column: find the
+# entry of largest magnitude at or below the current row; if it is not above `tol`, the
+# column has no pivot; otherwise swap it up, divide its row by it, and clear the column in
+# every other row. Return `(R, pivots)`; leave `A` itself unchanged.
 
 # %%
-P = np.array([[1, 2, 0, 3, 1], [2, 4, 1, 7, 3], [3, 6, 1, 10, 4], [0, 0, 1, 1, 1]])
 ### BEGIN SOLUTION
-rank_of_P = len(linalg.rref(P)[1])
+def rref(A, tol=1e-9):
+    """(R, pivots): the reduced row echelon form of A and its pivot columns."""
+    R = np.array(A, dtype=float)
+    m, n = R.shape
+    pivots, row = [], 0
+    for col in range(n):
+        if row == m:
+            break
+        best = row + int(np.argmax(np.abs(R[row:, col])))
+        if abs(R[best, col]) <= tol:
+            R[row:, col] = 0.0
+            continue
+        R[[row, best]] = R[[best, row]]
+        R[row] = R[row] / R[row, col]
+        for other in range(m):
+            if other != row:
+                R[other] = R[other] - R[other, col] * R[row]
+        pivots.append(col)
+        row += 1
+    return R, tuple(pivots)
 ### END SOLUTION
 
+
 # %%
-exercises.check_integer(
-    rank_of_P,
-    expected=linalg.matrix_rank(P),
-    name="rank_of_P",
-    hint="Row-reduce P (linalg.rref) and count the pivots; compare rows 1 + 2 with row 3.",
-)
+exercises.check("01-rref", rref)
 
 # %% [markdown]
-# **Exercise 2.** Write `rank_one_factors(M)` that returns a column `c` (shape `(m, 1)`) and a
-# row `f` (shape `(1, n)`) with `c @ f == M` for a rank-1 matrix `M`, using only NumPy indexing
-# (no SVD). Hint: pick a nonzero entry $M_{ij}$; then the column $j$ and the row $i$ scaled by
-# $1/M_{ij}$ do it.
-
+# **Exercise 2.** Write `rank_factorization(A)` returning `C` ($m \times r$) and `F`
+# ($r \times n$) with `C @ F == A`, $r = \operatorname{rank}(A)$: `C` holds the pivot columns
+# of `A`, `F` the nonzero rows of its reduced row echelon form (section 4). Use your `rref`
+# or `linalg.rref`.
 
 # %%
 ### BEGIN SOLUTION
-def rank_one_factors(M):
-    """Return (c, f) with c: (m, 1), f: (1, n) and c @ f == M for a rank-1 matrix M."""
-    M = np.asarray(M, dtype=float)
-    i, j = np.unravel_index(np.argmax(np.abs(M)), M.shape)
-    return M[:, [j]], M[[i], :] / M[i, j]
-
-
+def rank_factorization(A):
+    """(C, F) with C: A's pivot columns (m x r), F: the nonzero rows of rref(A) (r x n)."""
+    R, pivots = linalg.rref(A)
+    return np.asarray(A, dtype=float)[:, list(pivots)], R[: len(pivots)]
 ### END SOLUTION
 
 
 # %%
-def product_of_factors_matches(result, expected):
-    """True if result is a pair (c, f) of shapes (m, 1) and (1, n) with c @ f == expected."""
-    if not (isinstance(result, tuple) and len(result) == 2):
-        return False
-    c, f = (np.asarray(part, dtype=float) for part in result)
-    m, n = expected.shape
-    return c.shape == (m, 1) and f.shape == (1, n) and np.allclose(c @ f, expected)
-
-
-with_a_zero_row = np.outer([0, 3, -1], [2, 0, 5, 1])
-exercises.check_function(
-    rank_one_factors,
-    cases=[((M1,), M1), ((with_a_zero_row,), with_a_zero_row)],
-    name="rank_one_factors",
-    compare=product_of_factors_matches,
-    hint="Return a tuple (c, f) with c of shape (m, 1) and f of shape (1, n); "
-    "never divide by a zero entry.",
-)
+exercises.check("01-rank-factorization", rank_factorization)
 
 # %% [markdown]
 # **Exercise 3.** GPT-2's MLP has weight matrices of shape $768 \times 3072$. What is the
@@ -468,35 +464,4 @@ break_even_rank = max(r for r in range(1, 769) if r * (768 + 3072) < 768 * 3072)
 ### END SOLUTION
 
 # %%
-exercises.check_integer(
-    break_even_rank,
-    expected=int(np.ceil(768 * 3072 / (768 + 3072))) - 1,
-    name="break_even_rank",
-    hint="Solve r (m + n) < m n for the largest integer r; it is a few hundred.",
-)
-
-# %% [markdown]
-# **Exercise 4.** With the tolerance `tol = 1e-3`, for how many of the values
-# `deltas = np.linspace(0.0003, 0.0041, 20)` do the two methods disagree on the rank of
-# $A(\delta) = [[1, 1], [1, 1 + \delta]]$? Store the count in `n_disagree`.
-
-# %%
-deltas = np.linspace(0.0003, 0.0041, 20)
-### BEGIN SOLUTION
-n_disagree = sum(
-    linalg.matrix_rank(np.array([[1, 1], [1, 1 + d]]), 1e-3, method="rref")
-    != linalg.matrix_rank(np.array([[1, 1], [1, 1 + d]]), 1e-3, method="svd")
-    for d in deltas
-)
-### END SOLUTION
-
-# %%
-# The exact singular values of the symmetric A(delta) are its eigenvalues,
-# (2 + delta -+ sqrt(4 + delta**2)) / 2; the pivot is delta.
-exact_sigma_2 = (2 + deltas - np.sqrt(4 + deltas**2)) / 2
-exercises.check_integer(
-    n_disagree,
-    expected=int(np.sum((deltas > 1e-3) & (exact_sigma_2 <= 1e-3))),
-    name="n_disagree",
-    hint="They disagree when the pivot (delta) is above 1e-3 but sigma_2 (about delta/2) is not.",
-)
+exercises.check("01-break-even-rank", break_even_rank)

@@ -369,118 +369,55 @@ print(f"{'full delta_W':>22} {held_out_error(W_after):>9.5f} {delta_W.size:>8}")
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1.** Store a rank-30 truncated SVD of the photograph. By what factor
-# `ratio_30` is it smaller than the $600 \times 512$ image (count $\Sigma_k$ as its diagonal),
-# and what is its relative Frobenius error `error_30` $= \|A - A_{30}\|_F / \|A\|_F$? Use the
-# singular values `sigma` (no need to reconstruct the image).
+# Each check cell calls `exercises.check(...)`: it tests your answer on its own inputs and
+# says what is wrong, never what the answer is.
+#
+# **Exercise 1.** Write `truncated_svd(A, k)` returning `U_k` ($m \times k$), `S_k` (the $k$
+# largest singular values, a 1-D array) and `Vt_k` ($k \times n$), so that
+# `(U_k * S_k) @ Vt_k` is the best rank-$k$ approximation of `A`. Use `np.linalg.svd`.
+
+# %%
+### BEGIN SOLUTION
+def truncated_svd(A, k):
+    """The k leading singular triplets of A: U_k (m, k), S_k (k,), Vt_k (k, n)."""
+    U, S, Vt = np.linalg.svd(np.asarray(A, dtype=float), full_matrices=False)
+    return U[:, :k], S[:k], Vt[:k]
+### END SOLUTION
+
+
+# %%
+exercises.check("02-truncated-svd", truncated_svd)
+
+# %% [markdown]
+# **Exercise 2.** Write `smallest_rank(singular_values, max_error)`: the smallest $k$
+# ($0 \le k \le p$) whose truncation has a relative Frobenius error
+# $\|A - A_k\|_F / \|A\|_F$ of at most `max_error`, computed from the singular values alone
+# (a 1-D array in decreasing order).
+
+# %%
+### BEGIN SOLUTION
+def smallest_rank(singular_values, max_error):
+    """Smallest k with sqrt(sum_{i >= k} s_i^2 / sum_i s_i^2) <= max_error."""
+    squares = np.asarray(singular_values, dtype=float) ** 2
+    for k in range(len(squares) + 1):
+        if np.sqrt(squares[k:].sum() / squares.sum()) <= max_error:
+            return k
+    return len(squares)
+### END SOLUTION
+
+
+# %%
+exercises.check("02-smallest-rank", smallest_rank)
+
+# %% [markdown]
+# **Exercise 3.** By what factor `ratio_30` is a stored rank-30 truncated SVD of the
+# $600 \times 512$ photograph smaller than the image itself (count $\Sigma_k$ as its
+# diagonal)?
 
 # %%
 ### BEGIN SOLUTION
 ratio_30 = m * n / linalg.svd_param_count(m, n, 30)
-error_30 = np.sqrt(np.sum(sigma[30:] ** 2) / np.sum(sigma**2))
 ### END SOLUTION
 
 # %%
-exercises.check_number(
-    ratio_30,
-    expected=m * n / (30 * (m + n) + 30),
-    name="ratio_30",
-    rtol=1e-9,
-    hint="Dense numbers divided by k(m + n) + k; it is a number between 5 and 20.",
-)
-exercises.check_number(
-    error_30,
-    expected=np.linalg.norm(photo - (U_photo[:, :30] * sigma[:30]) @ Vt_photo[:30])
-    / np.linalg.norm(photo),
-    name="error_30",
-    rtol=1e-6,
-    hint="Eckart-Young: the root of the sum of the dropped sigma_i^2, divided by ||A||_F.",
-)
-
-# %% [markdown]
-# **Exercise 2.** What is the smallest rank `k_5_percent` whose truncation of the photograph
-# has a relative Frobenius error of at most 5%?
-
-# %%
-### BEGIN SOLUTION
-relative_errors = np.sqrt(np.cumsum(sigma[::-1] ** 2)[::-1] / np.sum(sigma**2))
-k_5_percent = int(np.argmax(relative_errors <= 0.05))
-### END SOLUTION
-
-
-# %%
-def reconstruction_error(k):
-    """Relative Frobenius error of the rank-k reconstruction, measured on the image."""
-    approx = (U_photo[:, :k] * sigma[:k]) @ Vt_photo[:k]
-    return np.linalg.norm(photo - approx) / np.linalg.norm(photo)
-
-
-# The error falls as k grows, so bisect for the first k with error <= 5%.
-low, high = 1, min(m, n)
-while low < high:
-    middle = (low + high) // 2
-    low, high = (low, middle) if reconstruction_error(middle) <= 0.05 else (middle + 1, high)
-exercises.check_integer(
-    k_5_percent,
-    expected=low,
-    name="k_5_percent",
-    hint="relative_error(k) = sqrt(sum of sigma_i^2 for i > k) / ||A||_F; find where it "
-    "first drops to 0.05. Mind 0- versus 1-based indexing.",
-)
-
-# %% [markdown]
-# **Exercise 3.** Write `eckart_young_error(singular_values, k)`: the Frobenius error
-# $\|A - A_k\|_F$ of the best rank-`k` approximation, computed from the singular values alone
-# (`singular_values` is a 1-D array in decreasing order).
-
-
-# %%
-### BEGIN SOLUTION
-def eckart_young_error(singular_values, k):
-    """Frobenius norm of A - A_k from the singular values of A (decreasing order)."""
-    return float(np.sqrt(np.sum(np.asarray(singular_values)[k:] ** 2)))
-
-
-### END SOLUTION
-
-
-# %%
-check_rng = np.random.default_rng(7)
-cases = []
-for shape, k in (((8, 5), 2), ((20, 30), 7), ((6, 6), 6)):
-    B = check_rng.standard_normal(shape)
-    measured = np.linalg.norm(B - linalg.low_rank_approx(B, k))
-    cases.append(((np.linalg.svd(B, compute_uv=False), k), measured))
-exercises.check_function(
-    eckart_young_error,
-    cases,
-    name="eckart_young_error",
-    compare=lambda result, expected: bool(np.isclose(result, expected, rtol=1e-9, atol=1e-12)),
-    hint="Square the singular values you drop (indices k and up, 0-based), sum, take the root.",
-)
-
-# %% [markdown]
-# **Exercise 4.** LoRA stores $\Delta W = BA$ without a separate $\Sigma$. How many numbers
-# `lora_numbers` does a rank-16 LoRA update of a $4096 \times 4096$ weight store, and what
-# percentage `lora_percent` of the dense $4096^2$ is that?
-
-# %%
-### BEGIN SOLUTION
-lora_numbers = linalg.factorized_param_count(4096, 4096, 16)
-lora_percent = 100 * lora_numbers / 4096**2
-### END SOLUTION
-
-# %%
-exercises.check_integer(
-    lora_numbers,
-    expected=2 * 4096 * 16,
-    name="lora_numbers",
-    hint="B is 4096 x r and A is r x 4096.",
-)
-exercises.check_number(
-    lora_percent,
-    expected=100 * 2 * 16 / 4096,
-    name="lora_percent",
-    rtol=1e-9,
-    hint="A percentage, 100 * numbers / 4096**2: it is below 1.",
-)
+exercises.check("02-compression-ratio", ratio_30)

@@ -293,7 +293,61 @@ for method, options in (("top", {"n_blocks": 1}), ("adapter", {"bottleneck": 16}
 #
 # ## Exercises
 #
-# **Exercise 1.** BERT-base has $d = 768$. How many parameters (weights and biases) does one
+# Each check cell calls `exercises.check(...)`: it tests your answer and says what is wrong,
+# never what the answer is.
+#
+# **Exercise 1.** Write the module `BottleneckAdapter(d_model, bottleneck)` of section 1:
+# two `nn.Linear` named `down` ($d \to m$) and `up` ($m \to d$), GELU between them, the
+# residual connection, and an initialisation that makes it exactly the identity while
+# still letting it learn.
+
+# %%
+class BottleneckAdapter(nn.Module):
+    """h + up(gelu(down(h))), the identity at initialisation."""
+
+    ### BEGIN SOLUTION
+    def __init__(self, d_model, bottleneck):
+        """down: d_model -> bottleneck (random), up: bottleneck -> d_model (zeros)."""
+        super().__init__()
+        self.down = nn.Linear(d_model, bottleneck)
+        self.up = nn.Linear(bottleneck, d_model)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h):
+        """h + up(gelu(down(h)))."""
+        return h + self.up(nn.functional.gelu(self.down(h)))
+    ### END SOLUTION
+
+
+# %%
+exercises.check("04-bottleneck-adapter", BottleneckAdapter)
+
+# %% [markdown]
+# **Exercise 2.** Write `insert_adapters(model, bottleneck)`: in place, replace every
+# `nn.Linear` named `o` or `proj` (the attention and MLP outputs) by
+# `adapters.WithAdapter(layer, adapters.BottleneckAdapter(d, bottleneck))`, with `d` the
+# layer's output size, then freeze every parameter except the adapters'.
+
+# %%
+### BEGIN SOLUTION
+def insert_adapters(model, bottleneck):
+    """Adapters after every o and proj layer; only the adapters train."""
+    for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        if isinstance(module, nn.Linear) and child in ("o", "proj"):
+            adapter = adapters.BottleneckAdapter(module.out_features, bottleneck)
+            setattr(model.get_submodule(parent_name), child, adapters.WithAdapter(module, adapter))
+    for param_name, param in model.named_parameters():
+        param.requires_grad = ".adapter." in param_name
+### END SOLUTION
+
+
+# %%
+exercises.check("04-insert-adapters", insert_adapters)
+
+# %% [markdown]
+# **Exercise 3.** BERT-base has $d = 768$. How many parameters (weights and biases) does one
 # adapter with $m = 64$ have? Store the integer in `bert_base_adapter`.
 
 # %%
@@ -302,69 +356,4 @@ bert_base_adapter = 2 * 768 * 64 + 64 + 768
 ### END SOLUTION
 
 # %%
-exercises.check_integer(
-    bert_base_adapter,
-    expected=adapters.bottleneck_param_count(768, 64),
-    name="bert_base_adapter",
-    hint="Two weight matrices of d x m numbers each, plus one bias per output: m and d.",
-)
-
-# %% [markdown]
-# **Exercise 2.** Write `adapter_forward(h, W_down, b_down, W_up, b_up)` computing the adapter
-# of section 1 with the GELU nonlinearity (`torch.nn.functional.gelu`), for `h` of shape
-# `(batch, d)`.
-
-# %%
-### BEGIN SOLUTION
-def adapter_forward(h, W_down, b_down, W_up, b_up):
-    """h + W_up gelu(W_down h + b_down) + b_up, for each row h."""
-    return h + nn.functional.gelu(h @ W_down.T + b_down) @ W_up.T + b_up
-### END SOLUTION
-
-
-# %%
-def adapter_case(d_model, size, seed):
-    torch.manual_seed(seed)
-    reference = adapters.BottleneckAdapter(d_model, size)
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.normal_()
-    h_case = torch.randn(3, d_model)
-    args = (h_case, reference.down.weight.detach(), reference.down.bias.detach(),
-            reference.up.weight.detach(), reference.up.bias.detach())
-    return args, reference(h_case).detach()
-
-
-exercises.check_function(
-    adapter_forward,
-    [adapter_case(8, 2, 1), adapter_case(16, 5, 2)],
-    name="adapter_forward",
-    compare=lambda result, expected: torch.allclose(torch.as_tensor(result), expected, atol=1e-5),
-    hint="Down-project with W_down (shape m x d), add b_down, GELU, up-project with W_up "
-    "(d x m), add b_up, then add the input h.",
-)
-
-# %% [markdown]
-# **Exercise 3.** What percentage of the tiny GPT's parameters train when adapters of size
-# $m = 8$ are added after `o` and `proj` in all $L = 4$ blocks ($d = 64$)? Count from the
-# formula; "all parameters" includes the adapters (as PEFT counts). Store the percentage
-# (e.g. `4.0` for 4%) in `tiny_m8_percent`.
-
-# %%
-### BEGIN SOLUTION
-added = 2 * 4 * (2 * 64 * 8 + 8 + 64)
-base_parameters = sum(p.numel() for p in gpt.GPT(gpt.GPTConfig.preset("tiny")).parameters())
-tiny_m8_percent = 100 * added / (base_parameters + added)
-### END SOLUTION
-
-# %%
-check_model = gpt.GPT(gpt.GPTConfig.preset("tiny"))
-adapters.add_adapters(check_model, 8)
-check_trainable, check_total = lora.count_parameters(check_model)
-exercises.check_number(
-    tiny_m8_percent,
-    expected=100 * check_trainable / check_total,
-    name="tiny_m8_percent",
-    rtol=1e-4,
-    hint="8 adapters of 2dm + m + d each; divide by the model's parameters plus the adapters.",
-)
+exercises.check("04-bert-adapter", bert_base_adapter)

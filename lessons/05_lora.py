@@ -465,64 +465,71 @@ for options in (
 #
 # ## Exercises
 #
-# **Exercise 1.** How many parameters train when LoRA with $r = 4$ is applied to all four
-# attention projections $W_q, W_k, W_v, W_o$ of every block of the tiny GPT ($L = 4$ blocks,
-# $d = 64$)? Compute it from the formula and store it in `tiny_qkvo_r4` (an integer).
+# Each check cell calls `exercises.check(...)`: it tests your answer and says what is wrong,
+# never what the answer is.
+#
+# **Exercise 1.** Write `LoRALinear(base, r, alpha)` around a frozen `nn.Linear` `base`:
+# store it as `self.base_layer`, freeze it, create trainable `self.lora_A` ($r \times$
+# in_features, `nn.init.kaiming_uniform_(..., a=5**0.5)`) and `self.lora_B`
+# (out_features $\times r$, zeros), and `self.merged = False`. `forward(x)` returns
+# `base(x) + (α/r) · x Aᵀ Bᵀ`; `merge()` adds $\frac{\alpha}{r} BA$ into the base weight
+# (in place, without gradients), after which forward uses the base layer alone.
 
 # %%
-### BEGIN SOLUTION
-tiny_qkvo_r4 = 4 * 4 * 4 * (64 + 64)
-### END SOLUTION
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) B A x around a frozen nn.Linear; merge() folds BA into the base."""
+
+    ### BEGIN SOLUTION
+    def __init__(self, base, r, alpha):
+        """Freeze base; A (r, in) random, B (out, r) zero; scaling alpha / r."""
+        super().__init__()
+        self.base_layer = base
+        base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+        self.scaling = alpha / r
+        self.merged = False
+
+    def forward(self, x):
+        """base(x), plus the scaled low-rank branch unless merged."""
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self.scaling * (x @ self.lora_A.T @ self.lora_B.T)
+
+    def merge(self):
+        """W <- W + (alpha / r) B A, in place."""
+        with torch.no_grad():
+            self.base_layer.weight += self.scaling * (self.lora_B @ self.lora_A)
+        self.merged = True
+    ### END SOLUTION
+
 
 # %%
-check_model = gpt.GPT(gpt.GPTConfig.preset("tiny"))
-lora.apply_lora(check_model, lora.LoRAConfig(r=4, target_modules=("q", "k", "v", "o")))
-exercises.check_integer(
-    tiny_qkvo_r4,
-    expected=lora.count_parameters(check_model)[0],
-    name="tiny_qkvo_r4",
-    hint="Each wrapped layer trains r (in + out); count the layers: 4 types in each of L blocks.",
-)
+exercises.check("05-lora-layer", LoRALinear)
 
 # %% [markdown]
-# **Exercise 2.** Write `merged_weight(W0, A, B, alpha)` that returns the weight a merged
-# LoRA layer holds: $W_0 + \frac{\alpha}{r} BA$, with $r$ read from the shapes. Use only
-# tensor operations.
+# **Exercise 2.** Write `apply_lora(model, r, alpha, targets)`: in place, replace every
+# `nn.Linear` whose name ends in one of `targets` (the last part of its dotted name, e.g.
+# `"q"` for `blocks.0.attn.q`) by `lora.LoRALinear(layer, r, alpha)`, then freeze every
+# parameter except `lora_A` and `lora_B`.
 
 # %%
 ### BEGIN SOLUTION
-def merged_weight(W0, A, B, alpha):
-    """W0 (d, k), A (r, k), B (d, r) -> W0 + alpha / r * B @ A."""
-    r = A.shape[0]
-    return W0 + (alpha / r) * (B @ A)
+def apply_lora(model, r, alpha, targets):
+    """Wrap the target Linear layers in lora.LoRALinear; only the LoRA factors train."""
+    for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        if isinstance(module, nn.Linear) and child in targets:
+            setattr(model.get_submodule(parent_name), child, lora.LoRALinear(module, r, alpha))
+    for param_name, param in model.named_parameters():
+        param.requires_grad = "lora_" in param_name
 ### END SOLUTION
 
 
 # %%
-def merged_by_package(W0, A, B, alpha):
-    linear = nn.Linear(W0.shape[1], W0.shape[0], bias=False)
-    wrapper = lora.LoRALinear(linear, r=A.shape[0], alpha=alpha)
-    with torch.no_grad():
-        linear.weight.copy_(W0)
-        wrapper.lora_A.copy_(A)
-        wrapper.lora_B.copy_(B)
-    wrapper.merge()
-    return linear.weight.detach().clone()
-
-
-case_generator = torch.Generator().manual_seed(7)
-cases = []
-for d_out, d_in, r_case, alpha_case in ((5, 7, 2, 4.0), (8, 3, 1, 16.0), (6, 6, 3, 3.0)):
-    W0, A, B = (torch.randn(shape, generator=case_generator)
-                for shape in ((d_out, d_in), (r_case, d_in), (d_out, r_case)))
-    cases.append(((W0, A, B, alpha_case), merged_by_package(W0, A, B, alpha_case)))
-exercises.check_function(
-    merged_weight,
-    cases,
-    name="merged_weight",
-    compare=lambda result, expected: torch.allclose(torch.as_tensor(result), expected, atol=1e-6),
-    hint="r is A.shape[0]; the scale alpha / r multiplies B @ A, which has W0's shape.",
-)
+exercises.check("05-apply-lora", apply_lora)
 
 # %% [markdown]
 # **Exercise 3.** Redo the mt0-large count of section 6 for `r=16` on **all four** attention
@@ -536,11 +543,4 @@ mt0_qkvo_r16_percent = 100 * trainable_qkvo / (base_total + trainable_qkvo)
 ### END SOLUTION
 
 # %%
-exercises.check_number(
-    mt0_qkvo_r16_percent,
-    expected=100 * (72 * 4 * 16 * 2048) / (1_229_581_312 + 72 * 4 * 16 * 2048),
-    name="mt0_qkvo_r16_percent",
-    rtol=1e-3,
-    hint="72 attention blocks x 4 projections, each r (1024 + 1024); 'all params' includes "
-    "the LoRA parameters.",
-)
+exercises.check("05-mt0-percent", mt0_qkvo_r16_percent)

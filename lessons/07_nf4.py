@@ -273,58 +273,75 @@ for name, levels in rows:
 #
 # ## Exercises
 #
-# **Exercise 1.** Compute the 8 float32 probabilities of Set I *without* `torch.linspace`:
-# for $i = 0 \dots 7$, $p_i = 0.9677083 - i \cdot \frac{0.9677083 - 0.5}{8}$. Store them in
-# `set_1_by_hand` (a NumPy array).
+# Each exercise asks for a function; the check cell under it compares your function with the
+# package on random tensors and on several settings, and its hint names what is off.
+#
+# **Exercise 1.** The five steps work for any number of bits $k$: Set I has $2^{k-1}$
+# probabilities, Set II $2^{k-1} - 1$, both starting at 0.9677083 and stepping towards 0.5
+# (excluded). Write `normal_float_code(bits)` that returns the $2^k$ levels (float32,
+# ascending). For `bits=4` it must equal `quant.nf4_code()` bit for bit; the check also tries
+# 2, 3 and 5 bits.
+
 
 # %%
 ### BEGIN SOLUTION
-set_1_by_hand = OFFSET - np.arange(8) * (OFFSET - 0.5) / 8
+def normal_float_code(bits):
+    """The 2^bits NormalFloat levels from the five steps (float32, ascending, ends at -1 and 1)."""
+    half = 2 ** (bits - 1)
+    set_1 = torch.linspace(0.9677083, 0.5, half + 1)[:-1].numpy()
+    set_2 = torch.linspace(0.9677083, 0.5, half)[:-1].numpy()
+    levels = np.concatenate([norm.ppf(set_1), [0.0], -norm.ppf(set_2)]).astype(np.float32)
+    levels = np.sort(levels)
+    return torch.from_numpy(levels / levels.max())
+
+
 ### END SOLUTION
 
 # %%
-exercises.check_array(set_1_by_hand, set_1, name="set_1_by_hand", rtol=1e-6,
-                      hint="Eight values, starting at 0.9677083 and stepping down by 0.4677083/8.")
+exercises.check("07-nf4-table", normal_float_code)
 
 # %% [markdown]
-# **Exercise 2.** Write `nf4_indices(u)` that returns, for a 1-D tensor `u` of values in
-# [-1, 1], the index (0–15) of the nearest NF4 level, with ties going to the lower level.
-# Use only `quant.nf4_code()` and torch (not `quant.nearest_code_index`).
+# **Exercise 2.** Write `quantize_nf4(x, blocksize)` (the number of elements of `x` is a
+# multiple of `blocksize`): scale each block of `blocksize` consecutive values into [-1, 1]
+# by its absmax, replace every value by the index of the nearest NF4 level (ties go to the
+# lower level), and pack two indices per byte, element $2i$ in the high nibble. Return
+# `(packed, absmax)`: a flat uint8 tensor of $n/2$ bytes and the float32 absmax of each block.
+# Use `quant.nf4_code()` and torch, not `quant.quantize_4bit`.
 
 
 # %%
 ### BEGIN SOLUTION
-def nf4_indices(u):
-    """Index of the nearest NF4 level for each value of u (ties to the lower level)."""
+def quantize_nf4(x, blocksize):
+    """Blockwise NF4: (uint8 bytes holding two 4-bit indices each, absmax of each block)."""
     code = quant.nf4_code()
-    midpoints = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(u, midpoints)
+    blocks = x.reshape(-1, blocksize).float()
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks / absmax.clamp(min=1e-38)[:, None]).reshape(-1)
+    indices = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    return (indices[0::2] << 4) | indices[1::2], absmax
 
 
 ### END SOLUTION
 
-
 # %%
-test_values = torch.tensor([-1.0, -0.7, -0.05, 0.0, 0.03979015, 0.04, 0.5, 0.99, 1.0])
-exercises.check_function(
-    nf4_indices,
-    cases=[((test_values,), quant.nearest_code_index(test_values, quant.nf4_code())),
-           ((u[:1000],), quant.nearest_code_index(u[:1000], quant.nf4_code()))],
-    name="nf4_indices",
-    compare=lambda got, want: torch.equal(torch.as_tensor(got).long(), want.long()),
-    hint="Compare each value with the 15 midpoints between neighbouring levels "
-    "(torch.bucketize does this); a value exactly on a midpoint belongs to the lower level.",
-)
+exercises.check("07-nf4-quantize", quantize_nf4)
 
 # %% [markdown]
-# **Exercise 3.** What fraction of the block-normalised values `u` does NF4 round to its exact
-# zero (level 7)? Store it in `zero_fraction` (a float between 0 and 1).
+# **Exercise 3.** Write the inverse, `dequantize_nf4(packed, absmax, blocksize, shape)`:
+# unpack the indices, look them up in the NF4 table, multiply each by its block's absmax and
+# return a float32 tensor of the given shape.
+
 
 # %%
 ### BEGIN SOLUTION
-zero_fraction = float((quant.nearest_code_index(u, nf4) == 7).float().mean())
+def dequantize_nf4(packed, absmax, blocksize, shape):
+    """Unpack, look up and rescale blockwise NF4 codes; float32 of the given shape."""
+    indices = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1).long()
+    values = quant.nf4_code()[indices].view(-1, blocksize) * absmax[:, None]
+    return values.reshape(shape)
+
+
 ### END SOLUTION
 
 # %%
-exercises.check_number(zero_fraction, float(p_nf4[7]), name="zero_fraction", rtol=1e-6,
-                       hint="Round u to NF4 indices and count how often the index is 7.")
+exercises.check("07-nf4-dequantize", dequantize_nf4)

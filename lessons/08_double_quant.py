@@ -216,53 +216,74 @@ print(f"8-bit codes that differ: {100 * float(moved):.2f} %")
 #
 # ## Exercises
 #
-# **Exercise 1.** With double quantization, first-level blocks of 128 and second-level blocks
-# of 256, how many bits per parameter are stored (4-bit codes included, tables ignored)? Store
-# it in `bits_128`.
+# Each exercise asks for a function; the check cell under it compares your function with the
+# package on random weights, and its hint names what is off.
+#
+# **Exercise 1.** Write `double_quantize(absmax, blocksize)`, the second level of section 2
+# without `quant.quantize_blockwise_8bit`: subtract the mean of the first-level `absmax`
+# values, cut the centred values into blocks of `blocksize` (the last may be shorter), scale
+# each block by its own largest magnitude and replace each value by the index of the nearest
+# level of `quant.dynamic_code()`. Return `(codes, scales, offset)`: uint8 codes, one float32
+# scale per block, and the mean.
+
 
 # %%
 ### BEGIN SOLUTION
-bits_128 = 4 + 8 / 128 + 32 / (128 * 256)
+def double_quantize(absmax, blocksize):
+    """8-bit codes of the centred absmax values, one scale per block, and the offset."""
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.numel()
+    n_blocks = -(-n // blocksize)
+    blocks = torch.nn.functional.pad(centred, (0, n_blocks * blocksize - n)).view(n_blocks, -1)
+    scales = blocks.abs().amax(dim=1)
+    scaled = (blocks / scales[:, None]).reshape(-1)[:n]
+    code = quant.dynamic_code()
+    codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    return codes, scales, offset
+
+
 ### END SOLUTION
 
 # %%
-exercises.check_number(bits_128, quant.bits_per_parameter(blocksize=128), name="bits_128",
-                       hint="4 bits per code, 8 bits per first-level block, 32 per second-level.")
+exercises.check("08-double-quant", double_quantize)
 
 # %% [markdown]
-# **Exercise 2.** How many gigabytes (10⁹ bytes) does double quantization save on a model with
-# 13 billion parameters, all quantized with blocksize 64? Store it in `saved_gb_13b`.
+# **Exercise 2.** Write `bits_per_parameter(blocksize, double_quant, dq_blocksize)`: the bits
+# stored per parameter by 4-bit blockwise quantization, with or without double quantization
+# (code tables and the offset ignored). The check tries blocksizes from 32 to 256.
+
 
 # %%
 ### BEGIN SOLUTION
-saved_gb_13b = (32 / 64 - 8 / 64 - 32 / (64 * 256)) * 13e9 / 8 / 1e9
+def bits_per_parameter(blocksize, double_quant, dq_blocksize):
+    """Bits stored per parameter: the 4-bit code plus its share of the block constants."""
+    if double_quant:
+        return 4 + 8 / blocksize + 32 / (blocksize * dq_blocksize)
+    return 4 + 32 / blocksize
+
+
 ### END SOLUTION
 
 # %%
-exercises.check_number(saved_gb_13b, 0.373046875 * 13 / 8, name="saved_gb_13b", rtol=1e-4,
-                       hint="bits saved per parameter × parameters / 8 bits per byte / 1e9.")
+exercises.check("08-bits-per-parameter", bits_per_parameter)
 
 # %% [markdown]
-# **Exercise 3.** Rebuild the float32 absmax of every block of `small_state` from its stored
-# fields only (`absmax`, `nested_code`, `nested_absmax`, `dq_blocksize`, `offset`), without
-# calling `quant.dequantize_absmax`. Store it in `absmax_by_hand`.
+# **Exercise 3.** Write `rebuild_absmax(state)`: the float32 absmax of every block of a
+# double-quantized `QuantState`, from its stored fields only (`absmax`, `nested_code`,
+# `nested_absmax`, `dq_blocksize`, `offset`), without `quant.dequantize_absmax`.
+
 
 # %%
-small_state = quant.quantize_4bit(torch.randn(300, 200, generator=generator))
 ### BEGIN SOLUTION
-block_of_each = torch.arange(small_state.absmax.numel()) // small_state.dq_blocksize
-absmax_by_hand = (
-    small_state.nested_code[small_state.absmax.long()] * small_state.nested_absmax[block_of_each]
-    + small_state.offset
-)
+def rebuild_absmax(state):
+    """The first-level absmax of each block, rebuilt from the double-quantized fields."""
+    block_of_each = torch.arange(state.absmax.numel()) // state.dq_blocksize
+    values = state.nested_code[state.absmax.long()]
+    return values * state.nested_absmax[block_of_each] + state.offset
+
+
 ### END SOLUTION
 
 # %%
-exercises.check_array(
-    absmax_by_hand,
-    expected=quant.dequantize_absmax(small_state),
-    name="absmax_by_hand",
-    rtol=1e-6,
-    hint="Look up each 8-bit code in nested_code, multiply by the scale of its 256-block "
-    "(index // dq_blocksize), then add the offset back.",
-)
+exercises.check("08-rebuild-absmax", rebuild_absmax)

@@ -378,92 +378,80 @@ print(f"left for activations, CUDA context and fragmentation: {(gpu - static) / 
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1.** A `PagedAdamW` evicts a tensor of shape `(64, 256)` in fp32 and uses pages
-# of 4096 bytes per moment. How many pages does one optimizer step copy *in* for it? Store the
-# number in `pages_for_tensor`.
+# Each exercise asks for a function; the check cell under it compares your function with
+# `torch.optim.AdamW` or with what `paged.PagedAdamW` decides and copies, on random tensors
+# and budgets. Its hint names what is off.
+#
+# **Exercise 1.** Write `adamw_step(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1,
+# beta2, eps, weight_decay)`: one AdamW update of section 1, in place on `param`, `exp_avg`
+# and `exp_avg_sq` (the step number `step` counts from 1). Use plain tensor operations, not
+# `paged.adamw_update`; the check runs several steps against `torch.optim.AdamW`.
+
 
 # %%
 ### BEGIN SOLUTION
-pages_for_tensor = -(-(64 * 256 * 4) // 4096)
+def adamw_step(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW update, in place on param and both moments."""
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m_hat = exp_avg / (1 - beta1**step)
+    v_hat = exp_avg_sq / (1 - beta2**step)
+    param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
 ### END SOLUTION
 
 # %%
-single = torch.nn.Parameter(torch.zeros(64, 256))
-single.grad = torch.ones(64, 256)
-probe = paged.PagedAdamW([single], budget_bytes=4 * 4096, page_bytes=4096)
-probe.step()
-exercises.check_integer(
-    pages_for_tensor,
-    expected=probe.stats.pages_in,
-    name="pages_for_tensor",
-    hint="Bytes of one moment of the tensor, divided by page_bytes, rounded up.",
-)
+exercises.check("10-adamw-step", adamw_step)
 
 # %% [markdown]
-# **Exercise 2.** What is the smallest `budget_bytes` at which a `PagedAdamW` over the tiny
-# GPT evicts nothing? Store it in `smallest_budget` (an integer).
+# **Exercise 2.** Write `page_plan(params, budget_bytes, page_bytes)`: which parameters'
+# states a `PagedAdamW` with this budget keeps in host memory, following section 3's rules,
+# and how many bytes of page buffers it needs on the device (its two slots each hold a page of
+# both moments). Return `(evicted, staging)`: the indices of the evicted parameters, in order,
+# and the staging bytes.
+
 
 # %%
 ### BEGIN SOLUTION
-smallest_budget = sum(paged.state_bytes(p) for p in model.parameters())
+def page_plan(params, budget_bytes, page_bytes):
+    """(indices of the parameters whose states are evicted, bytes of page buffers)."""
+    sizes = [2 * p.numel() * p.element_size() for p in params]
+    if sum(sizes) <= budget_bytes:
+        return [], 0
+    staging = 4 * page_bytes
+    free = budget_bytes - staging
+    evicted = []
+    for index, size in enumerate(sizes):
+        if size <= free:
+            free -= size
+        else:
+            evicted.append(index)
+    return evicted, staging
+
+
 ### END SOLUTION
 
 # %%
-def evicts_nothing(budget):
-    return paged.PagedAdamW(model.parameters(), budget_bytes=budget).stats.host_bytes == 0
-
-
-assert evicts_nothing(state_bytes) and not evicts_nothing(state_bytes - 1)
-exercises.check_integer(
-    smallest_budget,
-    expected=state_bytes,
-    name="smallest_budget",
-    hint="Nothing is evicted while every state fits: two fp32 moments per parameter.",
-)
+exercises.check("10-page-plan", page_plan)
 
 # %% [markdown]
-# **Exercise 3.** Redo section 6's count for LoRA with $r = 16$ instead of 64 (still all seven
-# linear layers per block, fp32 AdamW states). How many GB (10⁹ bytes) do the optimizer states
-# take? Store it in `states_gb_r16`.
+# **Exercise 3.** Write `pages(param, page_bytes)`: the element ranges `(start, stop)` of the
+# flattened `param` in which a `PagedAdamW` copies its evicted states in and out (a page
+# holds `page_bytes` bytes of each moment).
+
 
 # %%
 ### BEGIN SOLUTION
-states_gb_r16 = 8 * L * 16 * sum(a + b for a, b in linear_shapes) / 1e9
+def pages(param, page_bytes):
+    """The (start, stop) element ranges of the pages of one evicted parameter."""
+    per_page = page_bytes // param.element_size()
+    n = param.numel()
+    return [(start, min(start + per_page, n)) for start in range(0, n, per_page)]
+
+
 ### END SOLUTION
 
 # %%
-exercises.check_number(
-    states_gb_r16,
-    expected=memory["fp32 AdamW states (paged)"] / 4 / 1e9,
-    name="states_gb_r16",
-    rtol=1e-3,
-    hint="LoRA parameters grow linearly with r; each has 8 bytes of AdamW state.",
-)
-
-# %% [markdown]
-# **Exercise 4.** On the simulated device of section 4 (capacity `capacity`), what is the
-# largest batch (of `config.block_size`-token sequences) that plain AdamW can train on, with
-# every state on the device? Activations grow in proportion to the batch size (compare the
-# batches of 8 and 12 above). Store the answer in `largest_plain_batch`.
-
-# %%
-### BEGIN SOLUTION
-per_sequence = act_normal // 8
-largest_plain_batch = (capacity - 2 * weight_bytes - state_bytes) // per_sequence
-### END SOLUTION
-
-# %%
-def fits_without_paging(batch_size):
-    x, _ = data.pretrain_batch(0, batch_size, block_size=config.block_size)
-    need = 2 * weight_bytes + state_bytes + simulated_device.activation_bytes(model, x)
-    return need <= capacity
-
-
-largest = next(b for b in range(1, 64) if not fits_without_paging(b + 1))
-exercises.check_integer(
-    largest_plain_batch,
-    expected=largest,
-    name="largest_plain_batch",
-    hint="Subtract weights, gradients and states from the capacity, then divide by the "
-    "activation bytes of one sequence (a batch of 8 holds act_normal bytes).",
-)
+exercises.check("10-pages", pages)

@@ -222,6 +222,32 @@ def command_qlora_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_progress(args: argparse.Namespace) -> int:
+    from pedaPEFT import progress
+    from pedaPEFT.exercise_bank import EXERCISES
+
+    if args.list:
+        print(progress.exercise_list(EXERCISES), end="")
+        return 0
+    print(f"progress file: {progress.progress_path()}\n")
+    print(progress.table(EXERCISES, progress.load()), end="")
+    return 0
+
+
+def command_grade(args: argparse.Namespace) -> int:
+    from pedaPEFT import grading
+
+    try:
+        grades = grading.grade(Path(args.submissions), args.cell_timeout, args.notebook_timeout,
+                               log=print)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    csv_path, summary = grading.write_gradebook(grades, Path(args.out))
+    print(f"wrote {csv_path} and {summary} ({len(grades)} notebooks)")
+    return 0
+
+
 def command_site(args: argparse.Namespace) -> int:
     import time
 
@@ -351,6 +377,26 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--threads", type=positive_int, default=1,
                           help="CPU threads (default 1: fastest for tiny models)")
     finetune.set_defaults(run=command_finetune)
+
+    progress = commands.add_parser(
+        "progress", help="your exercise progress per lesson (done / tried / not started)"
+    )
+    progress.add_argument("--list", action="store_true",
+                          help="list every exercise per lesson (Markdown) instead")
+    progress.set_defaults(run=command_progress)
+
+    grade = commands.add_parser(
+        "grade", help="instructors: run submitted student notebooks and write a gradebook"
+    )
+    grade.add_argument("submissions", metavar="SUBMISSIONS_DIR",
+                       help="<student>/<lesson>.ipynb or <student>.ipynb files")
+    grade.add_argument("--out", default="gradebook.csv",
+                       help="gradebook CSV (default gradebook.csv; a .md summary beside it)")
+    grade.add_argument("--cell-timeout", type=float, default=120.0,
+                       help="seconds one cell may run before it is interrupted (default 120)")
+    grade.add_argument("--notebook-timeout", type=float, default=900.0,
+                       help="seconds one notebook may run before it is killed (default 900)")
+    grade.set_defaults(run=command_grade)
     return parser
 
 

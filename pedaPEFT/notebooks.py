@@ -10,7 +10,9 @@ drift between the three without executing anything.
 
 import ast
 import copy
+import os
 import re
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import jupytext
 import nbformat
 from nbclient import NotebookClient
 
+from pedaPEFT import progress
 from pedaPEFT.files import atomic_write_text
 
 LESSONS_DIR = Path(__file__).resolve().parent.parent / "lessons"
@@ -107,8 +110,9 @@ def _stub_for(solution: str, indent: str) -> list[str]:
     lines: list[str] = []
     for statement in tree.body:
         if isinstance(statement, ast.FunctionDef):
-            header = ast.unparse(statement).splitlines()[0]
-            lines.append(indent + header)
+            # the decorators (e.g. @staticmethod), one line each, then the def line
+            header = ast.unparse(statement).splitlines()[: len(statement.decorator_list) + 1]
+            lines += [indent + line for line in header]
             docstring = ast.get_docstring(statement, clean=False)
             if docstring is not None:
                 lines.append(f'{indent}    """{docstring}"""')
@@ -151,7 +155,11 @@ def student_version(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def execute(notebook: nbformat.NotebookNode, cwd: Path, allow_errors: bool = False):
-    """Run every cell in a fresh ``python3`` kernel started in ``cwd``; return the notebook."""
+    """Run every cell in a fresh ``python3`` kernel started in ``cwd``; return the notebook.
+
+    The kernel records its exercise checks in a throwaway progress file, so building or
+    testing the lessons never touches the author's own progress.
+    """
     client = NotebookClient(
         copy.deepcopy(notebook),
         timeout=CELL_TIMEOUT_S,
@@ -159,7 +167,9 @@ def execute(notebook: nbformat.NotebookNode, cwd: Path, allow_errors: bool = Fal
         allow_errors=allow_errors,
         resources={"metadata": {"path": str(cwd)}},
     )
-    executed = client.execute()
+    with tempfile.TemporaryDirectory(prefix="pedapeft-build-") as scratch:
+        throwaway = Path(scratch) / "progress.json"
+        executed = client.execute(env=dict(os.environ, **{progress.ENV_VARIABLE: str(throwaway)}))
     for cell in executed.cells:
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":
@@ -262,8 +272,8 @@ def code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 
 def is_check_cell(source: str) -> bool:
-    """A check cell calls a helper of :mod:`pedaPEFT.exercises`."""
-    return re.search(r"\bexercises\.check_\w+\(", source) is not None
+    """A check cell calls a helper of :mod:`pedaPEFT.exercises` (``check`` or ``check_*``)."""
+    return re.search(r"\bexercises\.check(_\w+)?\(", source) is not None
 
 
 def load(path: Path) -> nbformat.NotebookNode:

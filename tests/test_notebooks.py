@@ -3,9 +3,10 @@
 import textwrap
 from pathlib import Path
 
+import nbformat
 import pytest
 
-from pedaPEFT import notebooks
+from pedaPEFT import notebooks, progress
 
 LESSON = """\
 # ---
@@ -118,3 +119,23 @@ def test_find_sources_rejects_unknown_names(tmp_path: Path):
     assert notebooks.find_sources(["01"], tmp_path) == [tmp_path / "01_tiny.py"]
     with pytest.raises(ValueError, match="available: 01_tiny"):
         notebooks.find_sources(["07"], tmp_path)
+
+
+@pytest.mark.parametrize("author_setting", ["environment variable", "data directory"])
+def test_running_a_lesson_leaves_the_authors_progress_alone(author_setting, tmp_path, monkeypatch):
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "home" / "data"))
+    if author_setting == "environment variable":
+        monkeypatch.setenv(progress.ENV_VARIABLE, str(tmp_path / "author.json"))
+    else:
+        monkeypatch.delenv(progress.ENV_VARIABLE, raising=False)
+    author = progress.progress_path()
+    checked = nbformat.v4.new_notebook()
+    checked.cells = [nbformat.v4.new_code_cell(
+        "from pedaPEFT import progress\n"
+        "assert progress.record('01-rref', 'passed')\n"
+        "print(progress.load()['01-rref']['last'])")]
+    executed = notebooks.execute(checked, cwd=tmp_path)
+    assert executed.cells[0].outputs[0].text == "passed\n"  # recorded, somewhere else
+    assert not author.exists()
