@@ -48,7 +48,7 @@ def command_lora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments
 
     results = experiments.experiment(args.name, args.scale, args.task, log=print)
-    out = Path(args.out) if args.out else experiments.results_path(args.name)
+    out = Path(args.out) if args.out else experiments.results_path(f"lora_{args.name}")
     experiments.write_results(results, out)
     print(f"wrote {out} ({results['seconds']:.0f} s)")
     return 0
@@ -133,8 +133,8 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_qlora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments
 
-    results = experiments.table3_experiment(args.scale, args.task, log=print)
-    out = Path(args.out) if args.out else experiments.table3_results_path(args.task)
+    results = experiments.experiment("qlora_table3", args.scale, args.task, log=print)
+    out = Path(args.out) if args.out else experiments.results_path(f"qlora_table3_{args.task}")
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0
