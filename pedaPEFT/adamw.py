@@ -54,6 +54,6 @@ def adamw_update(
 def state_bytes(param: Tensor) -> int:
     """Bytes of AdamW state for ``param``: two moments of its shape and dtype.
 
-    Introduced in lesson 10.
+    Introduced in lesson 10, section "1. What AdamW keeps, and why it can be updated in slices".
     """
     return 2 * param.numel() * param.element_size()

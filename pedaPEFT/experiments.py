@@ -121,7 +121,8 @@ def run(
     split, or with ``validation=True`` on ``N_VALIDATION`` further examples of the training
     stream that training never sees (for choosing ``lr``).
 
-    Introduced in lesson 4, used again in lessons 5 and 9.
+    Introduced in lesson 4, section "5. Adapters on a downstream task";
+    used again in lessons 5 and 9.
     """
     if method not in train.METHODS:
         raise ValueError(f"method must be one of {sorted(train.METHODS)}, got {method!r}")
@@ -296,7 +297,7 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
 def base_sha256(base: str = "tiny") -> str:
     """SHA-256 of the shipped base's weights file, to tie result files to the base they used.
 
-    Introduced in lesson 4, used again in lesson 5.
+    Introduced in lesson 4, section "5. Adapters on a downstream task"; used again in lesson 5.
     """
     weights, _ = gpt.pretrained_paths(base)
     return hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -314,7 +315,8 @@ def summarize(rows: Iterable[dict], group: str | None = None) -> list[dict[str, 
     Returns one dict per setting, in first-seen order: the row's ``SETTING_FIELDS`` it has,
     ``mean``, ``std`` (0 for one seed) and ``n``.
 
-    Introduced in lesson 4, used again in lessons 5 and 9.
+    Introduced in lesson 4, section "5. Adapters on a downstream task";
+    used again in lessons 5 and 9.
     """
     settings: dict[str, tuple[dict, list[float]]] = {}
     for row in rows:
@@ -348,7 +350,8 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
 def load_results(name: str) -> dict:
     """The committed full-scale results of experiment ``name``.
 
-    Introduced in lesson 4, used again in lessons 5 and 9.
+    Introduced in lesson 4, section "5. Adapters on a downstream task";
+    used again in lessons 5 and 9.
     """
     path = results_path(name)
     if not path.exists():
@@ -400,7 +403,7 @@ def alpha_scaling(
     ``ranks[i]``.  ``losses[rule][r][j]``: MSE after ``sweep_steps`` steps at ``lrs[j]``
     (rules ``alpha/r`` and ``none``).  At r = α = 8 all rules coincide.
 
-    Introduced in lesson 5.
+    Introduced in lesson 5, section "4. Why scale by $\\alpha/r$?".
     """
     task = linalg.planted_update_task(d_out=64, d_in=96, update_rank=4, n_samples=256, seed=0)
     norms = {

@@ -106,7 +106,8 @@ class GPTConfig:
 def parameter_count(config: GPTConfig) -> int:
     """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied).
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lesson 9.
     """
     V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
     n = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
@@ -199,7 +200,8 @@ class GPT(nn.Module):
     ``forward(idx)`` maps token ids of shape (B, T), T <= block_size, to logits (B, T, V).
     ``features(idx)`` returns the final normalised hidden states (B, T, d) the head reads.
 
-    Introduced in lesson 3, used again in lessons 4 and 5 and 10.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lessons 4 and 5 and 10.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -284,7 +286,8 @@ def load_pretrained(preset: str = "tiny") -> GPT:
     Loads in well under a second, with no download; ``pretrained_info`` returns the recipe
     and the metrics measured when the file was made.
 
-    Introduced in lesson 3, used again in lessons 4 and 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lessons 4 and 9.
     """
     from safetensors.torch import load_model
 
@@ -314,7 +317,8 @@ def save_pretrained(model: GPT, info: dict, directory: str | Path = PRETRAINED_D
 def pretrained_info(preset: str = "tiny") -> dict:
     """Recipe and metrics recorded next to a shipped base.
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lesson 9.
     """
     _, meta = pretrained_paths(preset)
     if not meta.exists():

@@ -107,7 +107,8 @@ class PagedAdamW(torch.optim.Optimizer):
             ``min(8 MiB, budget_bytes // 32)``, so the four page buffers use at most an eighth
             of the budget.
 
-    Introduced in lesson 10.
+    Introduced in lesson 10,
+    section "3. The package's version: a budget, pages and a double buffer".
     """
 
     def __init__(
