@@ -210,7 +210,7 @@ for size in (8, 64, 256):
 # tables and the figure below read:
 
 # %%
-for name in ("adapters", "adapters_reverse"):
+for name in ("lora_adapters", "lora_adapters_reverse"):
     results = experiments.load_results(name)
     full = results["config"]
     print(f"=== task {results['task']!r}: {full['steps']} steps, batch {full['batch_size']}, "
@@ -264,7 +264,7 @@ plt.show()
 
 # %%
 small = experiments.SCALES["small"]
-chosen_lr = experiments.load_results("adapters")["lr"]
+chosen_lr = experiments.load_results("lora_adapters")["lr"]
 print(small)
 for method, options in (("top", {"n_blocks": 1}), ("adapter", {"bottleneck": 16})):
     row = experiments.run(method, "shift", 0, small, options, lr=chosen_lr[method])

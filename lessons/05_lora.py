@@ -367,7 +367,7 @@ print(f"RoBERTa-large LoRA 0.8M of 355M: {100 * 0.8 / 355:.3f}% | "
 tiny = gpt.GPTConfig.preset("tiny")
 print(f"tiny GPT: L={tiny.n_layer}, d={tiny.n_embd}; budget 8*L*2d = "
       f"{8 * tiny.n_layer * 2 * tiny.n_embd:,} trainable numbers")
-for name in ("tables", "tables_reverse"):
+for name in ("lora_tables", "lora_tables_reverse"):
     results = experiments.load_results(name)
     full = results["config"]
     print(f"\n=== task {results['task']!r}: {full['steps']} steps, batch {full['batch_size']}, "
@@ -428,7 +428,7 @@ for options in (
     {"r": 8, "alpha": 8, "targets": ["q"]},
     {"r": 4, "alpha": 8, "targets": ["q", "v"]},
 ):
-    lr = experiments.load_results("tables")["lr"]["lora"]
+    lr = experiments.load_results("lora_tables")["lr"]["lora"]
     row = experiments.run("lora", "shift", 0, small, options, lr=lr)
     print(f"{options['targets']}, r={options['r']}: trainable {row['trainable']:,} of "
           f"{row['total']:,}, test exact match {row['accuracy']:.2f}")

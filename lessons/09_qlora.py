@@ -33,8 +33,6 @@
 # QLoRA's memory goes (and where it does not), and what 4-bit bases cost in accuracy.
 
 # %%
-import json
-
 import torch
 import torch.nn.functional as F
 
@@ -189,7 +187,7 @@ print(f"training state (weights + grads + AdamW) predicted: {refined.static:,.0f
 
 # %%
 small = experiments.SCALES["small"]
-run = experiments.table3_run("QLoRA NF4 + DQ, all linear", "qlora", {}, "reverse", 0, small)
+run = experiments.run("qlora", "reverse", 0, small, lr=experiments.TABLE3_LR["qlora"])
 before = gpt.pretrained_info("tiny")["metrics"]["downstream/reverse"]
 print(f"training loss: step 1 {run['loss_first']:.2f} -> step 30 {run['loss_last']:.2f}")
 print(f"exact match on 'reverse': base {before:.3f} -> after 30 steps {run['accuracy']:.3f} "
@@ -210,10 +208,10 @@ print(f"exact match on 'reverse': base {before:.3f} -> after 30 steps {run['accu
 
 # %%
 for task in ("reverse", "shift"):
-    results = json.loads(experiments.table3_results_path(task).read_text())
+    results = experiments.load_results(f"qlora_table3_{task}")
     print(f"task '{task}', {results['config']['steps']} steps, seeds {results['config']['seeds']}")
     print(f"  {'method':<30} {'trainable':>9} {'stored bytes':>13} {'exact match':>14}")
-    for row in experiments.table3_summary(results):
+    for row in experiments.summarize(results["runs"]):
         print(f"  {row['label']:<30} {row['trainable']:>9,} {row['model_bytes_after']:>13,} "
               f"{row['mean']:>7.3f} ± {row['std']:.3f}")
 

@@ -129,7 +129,7 @@ def command_lessons(args: argparse.Namespace) -> int:
 def command_lora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments, files
 
-    out = Path(args.out) if args.out else experiments.results_path(args.name)
+    out = Path(args.out) if args.out else experiments.results_path(f"lora_{args.name}")
     files.check_output_file(out, "--out")
     results = experiments.experiment(args.name, args.scale, args.task, log=print)
     experiments.write_results(results, out)
@@ -214,9 +214,9 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_qlora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments, files
 
-    out = Path(args.out) if args.out else experiments.table3_results_path(args.task)
+    out = Path(args.out) if args.out else experiments.results_path(f"qlora_table3_{args.task}")
     files.check_output_file(out, "--out")
-    results = experiments.table3_experiment(args.scale, args.task, log=print)
+    results = experiments.experiment("qlora_table3", args.scale, args.task, log=print)
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0

@@ -27,7 +27,6 @@ from pedaPEFT.files import atomic_write
 
 FigureFunction = Callable[[], Figure]
 FIGURES: dict[str, FigureFunction] = dict(figures_quant.FIGURES)
-DATA_DIR = Path(__file__).resolve().parent.parent / "figures" / "data"
 
 STYLE = {
     "figure.dpi": 100,
@@ -343,9 +342,9 @@ def _summary_by_key(rows: list[dict], group: str) -> dict[tuple, dict]:
     }
 
 
-LORA_RESULT_FILES = {"tables": ("tables", "tables_reverse"),
-                     "adapters": ("adapters", "adapters_reverse")}
-"""Committed result files (``figures/data/lora_<name>.json``): task ``shift``, then ``reverse``."""
+LORA_RESULT_FILES = {"tables": ("lora_tables", "lora_tables_reverse"),
+                     "adapters": ("lora_adapters", "lora_adapters_reverse")}
+"""Committed result files (``figures/data/<name>.json``): task ``shift``, then ``reverse``."""
 
 
 @register("lora_tables")
@@ -413,13 +412,11 @@ def adapter_methods() -> Figure:
 def qlora_table3(results: dict | None = None) -> Figure:
     """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8), each seed a
     dot and the mean ± standard deviation a bar (``figures/data/qlora_table3.json``)."""
-    import json
-
     from pedaPEFT import experiments
 
     if results is None:
-        results = json.loads(experiments.table3_results_path().read_text())
-    summary = experiments.table3_summary(results)
+        results = experiments.load_results("qlora_table3_reverse")
+    summary = experiments.summarize(results["runs"])
     figure = Figure(figsize=(8, 3.8))
     ax = figure.subplots()
     colors = {"full": "C7", "lora": "C1", "qlora": "C0"}

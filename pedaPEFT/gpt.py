@@ -104,7 +104,8 @@ class GPTConfig:
 def parameter_count(config: GPTConfig) -> int:
     """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied).
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lesson 9.
     """
     V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
     n = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
@@ -197,7 +198,8 @@ class GPT(nn.Module):
     ``forward(idx)`` maps token ids of shape (B, T), T <= block_size, to logits (B, T, V).
     ``features(idx)`` returns the final normalised hidden states (B, T, d) the head reads.
 
-    Introduced in lesson 3, used again in lessons 4 and 5 and 10.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lessons 4 and 5 and 10.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -285,7 +287,8 @@ def load_pretrained(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR
     of the recorded ``model_config`` (names, shapes, float32, finite); anything else raises
     ``ValueError`` naming the file and the tensor.
 
-    Introduced in lesson 3, used again in lessons 4 and 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lessons 4 and 9.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -358,7 +361,8 @@ def save_pretrained(model: GPT, info: dict, directory: str | Path,
 def pretrained_info(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR) -> dict:
     """Recipe and metrics recorded next to a saved base.
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lesson 9.
     """
     _, meta = pretrained_paths(preset, directory)
     if not meta.exists():

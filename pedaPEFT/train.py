@@ -54,7 +54,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class TrainConfig:
     """Optimisation settings. ``batch_size`` is the global batch, split over processes.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "3. Fine-tuning: what each method can learn".
     """
 
     steps: int = 500
@@ -128,7 +128,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     Matrices (embeddings and Linear weights, ``dim >= 2``) get weight decay; biases and
     LayerNorm gains do not, since shrinking them towards zero has no regularising meaning.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "Checking the accounting against real tensors".
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -316,7 +316,7 @@ def prepare_top(model: GPT, n_blocks: int = 1) -> GPT:
     The head gets its own copy of the embedding first, so the frozen bottom of the network
     (which reads the embedding) is not changed through the tie.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "2. Three methods, three sets of trainable parameters".
     """
     if not 1 <= n_blocks <= len(model.blocks):
         raise ValueError(f"n_blocks must be in [1, {len(model.blocks)}], got {n_blocks}")
@@ -394,7 +394,7 @@ def finetune(
     The model is prepared in place (``METHODS[method](model, **method_options)``), trained on
     ``n_train`` examples, and scored by exact match on ``data.TEST_SIZE`` unseen examples.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "3. Fine-tuning: what each method can learn".
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")

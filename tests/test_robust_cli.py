@@ -90,7 +90,9 @@ def test_pretrain_never_replaces_existing_weights_without_force(tmp_path, capsys
 def test_load_results_names_the_real_command(monkeypatch, tmp_path):
     monkeypatch.setattr(experiments, "DATA_DIR", tmp_path)
     with pytest.raises(ValueError, match="python -m pedaPEFT lora-experiment tables"):
-        experiments.load_results("tables")
+        experiments.load_results("lora_tables")
+    with pytest.raises(ValueError, match="qlora-experiment --scale full --task shift"):
+        experiments.load_results("qlora_table3_shift")
 
 
 def test_env_checks_what_lessons_needs():
