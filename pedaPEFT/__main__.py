@@ -64,7 +64,7 @@ def command_pretrain(args: argparse.Namespace) -> int:
     from pedaPEFT import gpt, train
 
     torch.set_num_threads(args.threads)
-    config = replace(train.PRETRAIN_CONFIG, progress=not args.no_progress)
+    config = replace(train.pretrain_config(args.preset), progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     start = time.perf_counter()
@@ -76,10 +76,15 @@ def command_pretrain(args: argparse.Namespace) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(args.out) if args.out else gpt.PRETRAINED_DIR
-        weights, _ = gpt.save_pretrained(model, info, out, args.preset)
+        # A text base is stored in bfloat16: half the download, and its metrics are measured
+        # again on the stored weights by the tests.
+        dtype = torch.bfloat16 if args.preset in train.TEXT_PRESETS else None
+        weights, _ = gpt.save_pretrained(model, info, out, args.preset, dtype=dtype)
         print(f"final loss {info['final_loss']:.4f}")
         for name, value in info["metrics"].items():
-            print(f"exact match {name}: {value:.3f}")
+            label = "" if args.preset in train.TEXT_PRESETS else "exact match "
+            print(f"{label}{name}: {value:.3f}" if isinstance(value, float) else
+                  f"{label}{name}: {value}")
         print(f"wrote {weights} ({time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -89,7 +94,7 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import adapters, gpt, lora, qlora, train
+    from pedaPEFT import adapters, corpus, gpt, lora, qlora, train
 
     train.register_method("lora", lora.prepare_lora)
     train.register_method("adapter", adapters.prepare_adapters)
@@ -104,18 +109,33 @@ def command_finetune(args: argparse.Namespace) -> int:
     elif args.method == "adapter":
         options = {"bottleneck": args.bottleneck}
     torch.set_num_threads(args.threads)
-    config = replace(train.FINETUNE_CONFIG, progress=not args.no_progress)
+    text = args.task in corpus.DOMAINS
+    defaults = train.TEXT_FINETUNE_CONFIG if text else train.FINETUNE_CONFIG
+    config = replace(defaults, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     if args.lr is not None:
         config = replace(config, lr=args.lr)
+    base = args.base or ("pydocs" if text else "tiny")
     try:
-        model = gpt.load_pretrained(args.base)
-        result = train.finetune(model, args.task, args.method, config, n_train=args.n_train,
-                                method_options=options, checkpoint=args.checkpoint)
+        model = gpt.load_pretrained(base)
+        if text:
+            result = train.finetune_text(model, args.task, args.method, config,
+                                         method_options=options, checkpoint=args.checkpoint)
+        else:
+            result = train.finetune(model, args.task, args.method, config,
+                                    n_train=args.n_train, method_options=options,
+                                    checkpoint=args.checkpoint)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if text:
+        print(f"domain {result.domain} on base {base}, method {result.method}: trainable "
+              f"{result.trainable:,} of {result.total:,} parameters "
+              f"({100 * result.trainable_fraction:.2f}%)")
+        print(f"held-out perplexity before {result.perplexity_before:.2f}, after "
+              f"{result.perplexity:.2f} ({result.run.seconds:.0f} s)")
+        return 0
     print(f"task {result.task}, method {result.method}: trainable {result.trainable:,} of "
           f"{result.total:,} parameters ({100 * result.trainable_fraction:.2f}%)")
     print(f"exact match before {result.accuracy_before:.3f}, after {result.accuracy:.3f} "
@@ -143,6 +163,19 @@ def command_qlora_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_realtext_experiment(args: argparse.Namespace) -> int:
+    from pedaPEFT import experiments, realtext
+
+    results = realtext.experiment(args.scale, log=print)
+    out = Path(args.out) if args.out else realtext.results_path()
+    experiments.write_results(results, out)
+    for row in results["summary"]:
+        print(f"{row['label']:16s} perplexity {row['perplexity_before']:.2f} -> "
+              f"{row['perplexity_after']:.2f} ± {row['perplexity_after_std']:.2f}")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pedaPEFT",
@@ -166,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="output JSON (default: figures/data/qlora_table3_<task>.json)"
     )
     qlora_experiment.set_defaults(run=command_qlora_experiment)
+
+    realtext = commands.add_parser(
+        "realtext-experiment",
+        help="lesson 11's sweep: full FT, LoRA and QLoRA of the pydocs base on held-out text",
+    )
+    realtext.add_argument("--scale", choices=["small", "full"], default="small")
+    realtext.add_argument(
+        "--out", default=None, help="output JSON (default: figures/data/realtext_asyncio.json)"
+    )
+    realtext.set_defaults(run=command_realtext_experiment)
 
     env = commands.add_parser("env", help="check that this machine has what the course needs")
     env.set_defaults(run=command_env)
@@ -196,9 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     lora_experiment.set_defaults(run=command_lora_experiment)
 
     pretrain = commands.add_parser(
-        "pretrain", help="pretrain a GPT preset on the synthetic mixture and save it as a base"
+        "pretrain", help="pretrain a GPT preset (synthetic mixture, or Python's documentation "
+                         "for pydocs) and save it as a base"
     )
-    pretrain.add_argument("--preset", default="tiny", help="tiny (default), small or gpt2")
+    pretrain.add_argument("--preset", default="tiny",
+                          help="tiny (default), small, gpt2 or pydocs (real text)")
     pretrain.add_argument("--steps", type=int, default=None,
                           help="training steps (default: the recipe's)")
     pretrain.add_argument("--seed", type=int, default=0)
@@ -215,10 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="fine-tune the pretrained base on a downstream task and score it"
     )
     finetune.add_argument("--task", required=True,
-                          help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS)")
+                          help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS), "
+                               "or a held-out text domain: asyncio (pedaPEFT.corpus.DOMAINS)")
     finetune.add_argument("--method", default="full",
                           help="full (default), top, feature, lora, adapter or qlora")
-    finetune.add_argument("--base", default="tiny", help="shipped base (default tiny)")
+    finetune.add_argument("--base", default=None,
+                          help="shipped base (default: pydocs for a text domain, else tiny)")
     finetune.add_argument("--steps", type=int, default=None,
                           help="training steps (default: train.FINETUNE_CONFIG's)")
     finetune.add_argument("--lr", type=float, default=None,

@@ -42,7 +42,7 @@ def words(text: str) -> list[str]:
 
 
 def merge_pair(tokens: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """``tokens`` with every non-overlapping occurrence of ``pair``, left to right, -> ``new_id``."""
+    """``tokens`` with each non-overlapping ``pair``, left to right, replaced by ``new_id``."""
     out, i = [], 0
     while i < len(tokens):
         if i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair:

@@ -109,7 +109,7 @@ def batch(stream: torch.Tensor, step: int, batch_size: int, block_size: int,
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(stream.numel() - block_size - 1, (batch_size,), generator=generator)
     windows = torch.stack([stream[s : s + block_size + 1] for s in starts.tolist()])
-    return windows[:, :-1], windows[:, 1:]
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
 @torch.no_grad()
@@ -137,7 +137,7 @@ def perplexity(model: nn.Module, stream: torch.Tensor, block_size: int | None = 
 
 def unigram_perplexity(train_stream: torch.Tensor, stream: torch.Tensor,
                        vocab_size: int = VOCAB_SIZE) -> float:
-    """Perplexity on ``stream`` of add-one-smoothed token frequencies counted on ``train_stream``."""
+    """Perplexity on ``stream`` of add-one-smoothed token frequencies of ``train_stream``."""
     counts = Counter(train_stream.tolist())
     total = train_stream.numel() + vocab_size
     log_p = sum(math.log((counts[i] + 1) / total) for i in stream[1:].tolist())
