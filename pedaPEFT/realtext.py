@@ -18,6 +18,7 @@ writes the committed ``figures/data/realtext_asyncio.json``; ``SCALES["small"]``
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -163,3 +164,11 @@ def results_path() -> Path:
     """``figures/data/realtext_asyncio.json``: the committed full-scale results."""
     return DATA_DIR / f"realtext_{DOMAIN}.json"
 
+
+def load_results() -> dict:
+    """The committed full-scale results (``results_path()``)."""
+    path = results_path()
+    if not path.exists():
+        raise ValueError(f"no results at {path}; run python -m pedaPEFT realtext-experiment "
+                         "--scale full")
+    return json.loads(path.read_text())

@@ -37,7 +37,7 @@ def test_pydocs_recipe_prefix_reproduces_on_cpu():
 
 
 def test_committed_realtext_results_every_method_lowers_perplexity():
-    results = realtext.experiments.load_json(realtext.results_path())
+    results = realtext.load_results()
     assert results["base_sha256"] == realtext.base_sha256("pydocs")
     assert {r["label"] for r in results["summary"]} == set(realtext.SETTINGS)
     for run in results["runs"]:
