@@ -692,7 +692,7 @@ def realtext_perplexity(results: dict | None = None) -> Figure:
     ax.axvline(before, color="0.4", linestyle="--", label=f"base, before: {before:.1f}")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel=f"perplexity on unseen '{results['domain']}' documents",
+    ax.set(xlim=(0, 1.5 * before), xlabel=f"perplexity on unseen '{results['domain']}' documents",
            title=f"after fine-tuning ({summary[0]['n']} seeds)")
     ax.legend(loc="lower right", fontsize=8)
     ax_params.set_xscale("log")
