@@ -2,7 +2,6 @@
 the committed real-text fine-tuning results; the finetune command on a text domain."""
 
 import pytest
-import torch
 
 from pedaPEFT import corpus, gpt, realtext, train
 from pedaPEFT.__main__ import main
@@ -31,7 +30,6 @@ def test_pydocs_recipe_prefix_reproduces_on_cpu():
     assert config == train.TrainConfig(**{**vars(train.PYDOCS_PRETRAIN_CONFIG),
                                           "progress": True, "device": "auto"})
     assert train.first_batch_sha256("pydocs", config, info["seed"]) == info["first_batch_sha256"]
-    torch.set_num_threads(1)
     losses = train.pretrain_prefix("pydocs", config, info["seed"])
     assert losses == pytest.approx(info["cpu_prefix_losses"], rel=1e-4)
 
