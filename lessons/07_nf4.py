@@ -32,7 +32,7 @@ import torch
 from scipy.stats import norm
 
 import pedaPEFT
-from pedaPEFT import exercises, figures, quant
+from pedaPEFT import exercises, figures, gpt, quant
 from pedaPEFT.course import check_version, seed_everything
 
 check_version("0.1.0")
@@ -172,9 +172,9 @@ print("FP4 distinct values:", torch.unique(fp4).numel(), "| int4 levels:", 15, "
 
 # %%
 normal = [torch.randn(2**18, generator=torch.Generator().manual_seed(0))]
-trained = figures.gpt_linear_weights("tiny")
+trained = gpt.linear_weights("tiny")
 print(f"trained weights: {len(trained)} matrices, {sum(w.numel() for w in trained):,} values")
-errors = figures.four_bit_errors({"normal": normal, "trained": trained})
+errors = quant.four_bit_errors({"normal": normal, "trained": trained})
 for data, row in errors.items():
     print(f"{data:>8}: " + ", ".join(f"{m} {e:.3f} %" for m, e in row.items()))
 

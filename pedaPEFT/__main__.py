@@ -61,30 +61,31 @@ def command_pretrain(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import gpt, train
+    from pedaPEFT import gpt, train, train_text
 
     torch.set_num_threads(args.threads)
-    config = replace(train.pretrain_config(args.preset), progress=not args.no_progress)
+    text = args.preset in train_text.TEXT_PRESETS
+    recipe = train_text if text else train
+    config = train_text.PYDOCS_PRETRAIN_CONFIG if text else train.PRETRAIN_CONFIG
+    config = replace(config, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     start = time.perf_counter()
     try:
-        model, info = train.pretrain_base(args.preset, config, args.seed, args.checkpoint,
-                                          args.resume)
+        model, info = recipe.pretrain_base(args.preset, config, args.seed, args.checkpoint,
+                                           args.resume)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(args.out) if args.out else gpt.PRETRAINED_DIR
-        # A text base is stored in bfloat16: half the download, and its metrics are measured
-        # again on the stored weights by the tests.
-        dtype = torch.bfloat16 if args.preset in train.TEXT_PRESETS else None
+        # A text base is stored in bfloat16, half the download; the tests measure its
+        # validation perplexity again on the stored weights.
+        dtype = torch.bfloat16 if text else None
         weights, _ = gpt.save_pretrained(model, info, out, args.preset, dtype=dtype)
         print(f"final loss {info['final_loss']:.4f}")
         for name, value in info["metrics"].items():
-            label = "" if args.preset in train.TEXT_PRESETS else "exact match "
-            print(f"{label}{name}: {value:.3f}" if isinstance(value, float) else
-                  f"{label}{name}: {value}")
+            print(f"{name}: {value}" if text else f"exact match {name}: {value:.3f}")
         print(f"wrote {weights} ({time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -94,13 +95,10 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import adapters, corpus, gpt, lora, qlora, train
-
-    train.register_method("lora", lora.prepare_lora)
-    train.register_method("adapter", adapters.prepare_adapters)
+    from pedaPEFT import corpus, gpt, train, train_text
     options = {}
     if args.method in ("lora", "qlora"):
-        default_targets = "q,v" if args.method == "lora" else ",".join(qlora.ALL_LINEAR)
+        default_targets = "q,v" if args.method == "lora" else ",".join(gpt.ALL_LINEAR)
         targets = [name.strip() for name in (args.targets or default_targets).split(",")]
         options = {"r": args.r, "alpha": args.alpha, "targets": [t for t in targets if t],
                    "dropout": args.lora_dropout}
@@ -110,7 +108,7 @@ def command_finetune(args: argparse.Namespace) -> int:
         options = {"bottleneck": args.bottleneck}
     torch.set_num_threads(args.threads)
     text = args.task in corpus.DOMAINS
-    defaults = train.TEXT_FINETUNE_CONFIG if text else train.FINETUNE_CONFIG
+    defaults = train_text.TEXT_FINETUNE_CONFIG if text else train.FINETUNE_CONFIG
     config = replace(defaults, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
@@ -120,7 +118,7 @@ def command_finetune(args: argparse.Namespace) -> int:
     try:
         model = gpt.load_pretrained(base)
         if text:
-            result = train.finetune_text(model, args.task, args.method, config,
+            result = train_text.finetune_text(model, args.task, args.method, config,
                                          method_options=options, checkpoint=args.checkpoint)
         else:
             result = train.finetune(model, args.task, args.method, config,
@@ -147,17 +145,17 @@ def command_demo(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from pedaPEFT import qlora
+    from pedaPEFT import demo
 
-    qlora.demo(args.task, out_dir=args.out)
+    demo.demo(args.task, out_dir=args.out)
     return 0
 
 
 def command_qlora_experiment(args: argparse.Namespace) -> int:
-    from pedaPEFT import experiments, qlora
+    from pedaPEFT import experiments
 
-    results = qlora.table3_experiment(args.scale, args.task, log=print)
-    out = Path(args.out) if args.out else qlora.table3_results_path(args.task)
+    results = experiments.table3_experiment(args.scale, args.task, log=print)
+    out = Path(args.out) if args.out else experiments.table3_results_path(args.task)
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pedaPEFT import corpus, gpt, lora, qlora, train
+from pedaPEFT import corpus, gpt, qlora, train_text
 from pedaPEFT.experiments import DATA_DIR, base_sha256
 
 DOMAIN = "asyncio"
@@ -35,12 +35,10 @@ ADAPTER = {"r": 8, "alpha": 16}
 SETTINGS: dict[str, tuple[str, dict, float]] = {  # label -> (method, options, peak lr)
     "full FT": ("full", {}, 5e-4),
     "LoRA q,v": ("lora", {**ADAPTER, "targets": ("q", "v")}, 3e-3),
-    "LoRA all-linear": ("lora", {**ADAPTER, "targets": qlora.ALL_LINEAR}, 3e-3),
-    "QLoRA NF4+DQ": ("qlora", {**ADAPTER, "targets": qlora.ALL_LINEAR, "quant_type": "nf4",
+    "LoRA all-linear": ("lora", {**ADAPTER, "targets": gpt.ALL_LINEAR}, 3e-3),
+    "QLoRA NF4+DQ": ("qlora", {**ADAPTER, "targets": gpt.ALL_LINEAR, "quant_type": "nf4",
                                "double_quant": True}, 3e-3),
 }
-train.register_method("lora", lora.prepare_lora)
-
 PROMPTS = ("The event loop", "async def ", "class Queue")
 SAMPLE_TOKENS = 40
 TEMPERATURE = 0.8
@@ -73,15 +71,16 @@ def run(label: str, seed: int, scale: Scale) -> tuple[dict, gpt.GPT]:
     if label not in SETTINGS:
         raise ValueError(f"label must be one of {list(SETTINGS)}, got {label!r}")
     method, options, lr = SETTINGS[label]
-    config = replace(train.TEXT_FINETUNE_CONFIG, steps=scale.steps, batch_size=scale.batch_size,
-                     lr=lr, warmup_steps=max(1, scale.steps // 10))
+    config = replace(train_text.TEXT_FINETUNE_CONFIG, steps=scale.steps,
+                     batch_size=scale.batch_size, lr=lr, warmup_steps=max(1, scale.steps // 10))
     torch.manual_seed(seed)
     model = gpt.load_pretrained("pydocs")
     if torch.cuda.is_available():
         model.cuda()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = train.finetune_text(model, DOMAIN, method, config, options, scale.block_size, seed)
+    result = train_text.finetune_text(model, DOMAIN, method, config, options,
+                                      scale.block_size, seed)
     seconds = time.perf_counter() - start
     model = model.eval()
     record = {

@@ -17,20 +17,20 @@ lr_min = min_lr_ratio lr over the remaining steps.
 
 Fine-tuning methods. A method is a function ``prepare(model, **options) -> model`` that
 freezes, unfreezes or wraps modules in place; ``finetune`` prepares, trains whatever is left
-trainable and scores exact-match accuracy. ``register_method`` adds methods (adapters,
-LoRA, QLoRA) without touching this file.
+trainable and scores exact-match accuracy. ``METHODS`` lists every method of the course
+(full, top, feature, adapter, lora, qlora), complete on import; ``register_method`` adds one
+of your own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pedaPEFT import corpus, data
+from pedaPEFT import adapters, data, lora, qlora
+from pedaPEFT.files import atomic_write
 from pedaPEFT.gpt import GPT, GPTConfig, untie_head
-from pedaPEFT.lora import count_parameters
 
 CHECKPOINT_FORMAT = "pedaPEFT-train-checkpoint-v1"
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -49,7 +49,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``batch_size`` is the global batch, split over processes."""
+    """Optimisation settings. ``batch_size`` is the global batch, split over processes.
+
+    Introduced in lesson 3.
+    """
 
     steps: int = 500
     batch_size: int = 64
@@ -109,6 +112,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
     Matrices (embeddings and Linear weights, ``dim >= 2``) get weight decay; biases and
     LayerNorm gains do not, since shrinking them towards zero has no regularising meaning.
+
+    Introduced in lesson 3.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -153,16 +158,6 @@ def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -185,7 +180,7 @@ def save_checkpoint(
     }
     if isinstance(model, GPT):
         state["model_config"] = model.config.to_dict()
-    _atomic_torch_save(state, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -318,6 +313,8 @@ def prepare_top(model: GPT, n_blocks: int = 1) -> GPT:
 
     The head gets its own copy of the embedding first, so the frozen bottom of the network
     (which reads the embedding) is not changed through the tie.
+
+    Introduced in lesson 3.
     """
     if not 1 <= n_blocks <= len(model.blocks):
         raise ValueError(f"n_blocks must be in [1, {len(model.blocks)}], got {n_blocks}")
@@ -340,7 +337,13 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
     "full": prepare_full,
     "top": prepare_top,
     "feature": prepare_feature,
+    "adapter": adapters.prepare_adapters,
+    "lora": lora.prepare_lora,
+    "qlora": qlora.prepare_qlora,
 }
+"""Every fine-tuning method ``finetune`` knows (lessons 3, 4, 5, 9): name -> ``prepare(model,
+**options)``, which freezes what the method keeps fixed, adds its new layers and returns the
+model."""
 
 
 def register_method(name: str, prepare: Callable[..., nn.Module]) -> None:
@@ -375,6 +378,21 @@ class FinetuneResult:
         return self.trainable / self.total
 
 
+def prepare(model: GPT, method: str, options: dict | None = None) -> tuple[GPT, int, int]:
+    """Apply ``METHODS[method](model, **options)``; returns (model, trainable, total), where
+    ``total`` is the base's parameter count (quantized weights included) plus what the method
+    added."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    base_ids = {id(p) for p in model.parameters()}
+    base_total = sum(p.numel() for p in model.parameters())
+    model = METHODS[method](model, **(options or {}))
+    trainable, _ = lora.count_parameters(model)
+    # The base's parameters count even when a method stores them as quantized buffers.
+    total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
+    return model, trainable, total
+
+
 def finetune(
     model: GPT,
     task: str,
@@ -388,20 +406,15 @@ def finetune(
 
     The model is prepared in place (``METHODS[method](model, **method_options)``), trained on
     ``n_train`` examples, and scored by exact match on ``data.TEST_SIZE`` unseen examples.
+
+    Introduced in lesson 3.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     config = FINETUNE_CONFIG if config is None else config
     block = model.config.block_size
     train_set = data.task_data(task, "train", n_train, block)
     test_set = data.task_data(task, "test", data.TEST_SIZE, block)
     accuracy_before = data.exact_match(model, test_set)
-    base_ids = {id(p) for p in model.parameters()}
-    base_total = sum(p.numel() for p in model.parameters())
-    model = METHODS[method](model, **(method_options or {}))
-    trainable, _ = count_parameters(model)
-    # The base's parameters count even when a method stores them as quantized buffers.
-    total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
+    model, trainable, total = prepare(model, method, method_options)
     run = train(
         model,
         lambda step: train_set.batch(step, config.batch_size),
@@ -411,72 +424,6 @@ def finetune(
     )
     return FinetuneResult(task, method, trainable, total, accuracy_before,
                           run.evals[-1]["accuracy"], run)
-
-
-# --------------------------------------------------------------------------- real text
-
-
-TEXT_FINETUNE_CONFIG = TrainConfig(steps=100, batch_size=16, lr=3e-3, warmup_steps=10,
-                                   weight_decay=0.0, progress=False)
-
-
-@dataclass
-class TextFinetuneResult:
-    """Outcome of ``finetune_text``: counts and held-out-domain perplexity before and after."""
-
-    domain: str
-    method: str
-    trainable: int
-    total: int
-    perplexity_before: float
-    perplexity: float
-    run: TrainResult
-
-    @property
-    def trainable_fraction(self) -> float:
-        return self.trainable / self.total
-
-
-def finetune_text(
-    model: GPT,
-    domain: str = "asyncio",
-    method: str = "qlora",
-    config: TrainConfig | None = None,
-    method_options: dict | None = None,
-    block_size: int | None = None,
-    seed: int = 0,
-    checkpoint: str | Path | None = None,
-) -> TextFinetuneResult:
-    """Fine-tune a base trained on ``pedaPEFT.corpus`` on the held-out ``domain``.
-
-    Trains on windows of ``block_size`` tokens (default: the model's context) drawn from the
-    ``domain-train`` documents and scores perplexity on the unseen ``domain-test`` documents,
-    read in windows of the same length, before and after.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    config = TEXT_FINETUNE_CONFIG if config is None else config
-    block_size = block_size or model.config.block_size
-    if not 1 <= block_size <= model.config.block_size:
-        raise ValueError(f"block_size must be in [1, {model.config.block_size}], "
-                         f"got {block_size}")
-    train_stream = corpus.tokens("domain-train", domain)
-    test_stream = corpus.tokens("domain-test", domain)
-    before = corpus.perplexity(model, test_stream, block_size)
-    base_ids = {id(p) for p in model.parameters()}
-    base_total = sum(p.numel() for p in model.parameters())
-    model = METHODS[method](model, **(method_options or {}))
-    trainable, _ = count_parameters(model)
-    total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
-    run = train(
-        model,
-        lambda step: corpus.batch(train_stream, step, config.batch_size, block_size, seed),
-        config,
-        evaluate=lambda m: {"perplexity": corpus.perplexity(m, test_stream, block_size)},
-        checkpoint=checkpoint,
-    )
-    return TextFinetuneResult(domain, method, trainable, total, before,
-                              run.evals[-1]["perplexity"], run)
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -509,89 +456,17 @@ def pretrain(model: GPT, config: TrainConfig = PRETRAIN_CONFIG, seed: int = 0,
     )
 
 
-PYDOCS_PRETRAIN_CONFIG = TrainConfig(steps=3000, batch_size=32, lr=2e-3, warmup_steps=100,
-                                     weight_decay=0.1, eval_interval=250, progress=False)
-"""The ``pydocs`` recipe: 3000 steps of 32 windows of 256 tokens (about 50 passes over the
-456k training tokens); dropout 0.1 (in the preset) and keeping the best evaluation guard
-against the overfitting that many passes invite."""
-
-TEXT_PRESETS = ("pydocs",)
-CPU_PREFIX_STEPS = 2
-
-
-def pretrain_config(preset: str) -> TrainConfig:
-    """The recipe's training settings for ``preset``."""
-    return PYDOCS_PRETRAIN_CONFIG if preset in TEXT_PRESETS else PRETRAIN_CONFIG
-
-
-def pretrain_text(model: GPT, config: TrainConfig = PYDOCS_PRETRAIN_CONFIG, seed: int = 0,
-                  checkpoint: str | Path | None = None, resume: bool = False) -> TrainResult:
-    """Language-model pretraining on the corpus' ``train`` split, evaluated by validation
-    perplexity every ``eval_interval`` steps; the model ends with the weights of the best
-    evaluation (of this process, when resumed)."""
-    stream, validation = corpus.tokens("train"), corpus.tokens("validation")
-    best: dict = {"perplexity": math.inf}
-
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        value = corpus.perplexity(m, validation)
-        if value < best["perplexity"]:
-            best.update(perplexity=value, state={k: v.detach().clone()
-                                                 for k, v in m.state_dict().items()})
-        return {"validation_perplexity": value}
-
-    result = train(
-        model,
-        lambda step: corpus.batch(stream, step, config.batch_size, model.config.block_size, seed),
-        config,
-        evaluate=evaluate,
-        checkpoint=checkpoint,
-        resume=resume,
-    )
-    if "state" in best:
-        model.load_state_dict(best["state"])
-    return result
-
-
-def first_batch_sha256(preset: str, config: TrainConfig, seed: int = 0) -> str:
-    """Fingerprint of the recipe's first batch of token ids (data pipeline check)."""
-    x, y = corpus.batch(corpus.tokens("train"), 0, config.batch_size,
-                        GPTConfig.preset(preset).block_size, seed)
-    return hashlib.sha256(torch.cat([x, y]).numpy().tobytes()).hexdigest()
-
-
-def pretrain_prefix(preset: str, config: TrainConfig, seed: int = 0,
-                    steps: int = CPU_PREFIX_STEPS) -> list[float]:
-    """Losses of the recipe's first ``steps`` steps, run on the CPU in float32.
-
-    During warm-up the learning rate does not depend on the total number of steps, so a run
-    of ``steps <= warmup_steps`` steps is exactly the beginning of the full recipe.
-    """
-    if not 1 <= steps <= max(1, config.warmup_steps):
-        raise ValueError(f"steps must be in [1, warmup_steps={config.warmup_steps}], got {steps}")
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.preset(preset))
-    prefix = replace(config, steps=steps, device="cpu", eval_interval=0, progress=False)
-    stream = corpus.tokens("train")
-    return train(model, lambda step: corpus.batch(stream, step, prefix.batch_size,
-                                                  model.config.block_size, seed), prefix).losses
-
-
-def pretrain_base(preset: str = "tiny", config: TrainConfig | None = None, seed: int = 0,
+def pretrain_base(preset: str = "tiny", config: TrainConfig = PRETRAIN_CONFIG, seed: int = 0,
                   checkpoint: str | Path | None = None, resume: bool = False
                   ) -> tuple[GPT, dict]:
     """The recipe of a shipped base: seed, build ``preset``, pretrain; returns (model, info).
 
-    ``info`` holds the recipe and what it measured (mean loss of the last 20 steps; exact
-    match on every task, or for a text preset the validation perplexity of every evaluation,
-    the losses of the recipe's first steps on the CPU and a fingerprint of its first batch),
-    the record written next to the weights.
+    ``info`` holds the recipe and what it measured (mean loss of the last 20 steps, exact
+    match on every task), the record written next to the weights.
     """
-    config = pretrain_config(preset) if config is None else config
     torch.manual_seed(seed)
     model = GPT(GPTConfig.preset(preset))
-    text = preset in TEXT_PRESETS
-    result = (pretrain_text if text else pretrain)(model, config, seed, checkpoint=checkpoint,
-                                                   resume=resume)
+    result = pretrain(model, config, seed, checkpoint=checkpoint, resume=resume)
     recipe = {k: v for k, v in asdict(config).items() if k not in ("progress", "device")}
     info = {
         "preset": preset,
@@ -602,14 +477,4 @@ def pretrain_base(preset: str = "tiny", config: TrainConfig | None = None, seed:
         "made_by": f"python -m pedaPEFT pretrain --preset {preset}",
         "torch_version": torch.__version__,
     }
-    if text:
-        best = min(result.evals, key=lambda e: e["validation_perplexity"])
-        info["metrics"] = {"validation_perplexity": round(best["validation_perplexity"], 4),
-                           "kept_step": best["step"]}
-        info["evals"] = [{k: round(v, 4) for k, v in e.items()} for e in result.evals]
-        info["seconds"] = round(result.seconds, 1)
-        info["device"] = (torch.cuda.get_device_name() if next(model.parameters()).is_cuda
-                          else "cpu")
-        info["cpu_prefix_losses"] = pretrain_prefix(preset, config, seed)
-        info["first_batch_sha256"] = first_batch_sha256(preset, config, seed)
     return model, info

@@ -3,7 +3,7 @@ the committed real-text fine-tuning results; the finetune command on a text doma
 
 import pytest
 
-from pedaPEFT import corpus, gpt, realtext, train
+from pedaPEFT import corpus, gpt, realtext, train, train_text
 from pedaPEFT.__main__ import main
 
 
@@ -27,10 +27,11 @@ def test_pydocs_base_is_far_below_the_unigram_baseline(base):
 def test_pydocs_recipe_prefix_reproduces_on_cpu():
     info = gpt.pretrained_info("pydocs")
     config = train.TrainConfig(**info["train_config"])
-    assert config == train.TrainConfig(**{**vars(train.PYDOCS_PRETRAIN_CONFIG),
+    assert config == train.TrainConfig(**{**vars(train_text.PYDOCS_PRETRAIN_CONFIG),
                                           "progress": True, "device": "auto"})
-    assert train.first_batch_sha256("pydocs", config, info["seed"]) == info["first_batch_sha256"]
-    losses = train.pretrain_prefix("pydocs", config, info["seed"])
+    fingerprint = train_text.first_batch_sha256("pydocs", config, info["seed"])
+    assert fingerprint == info["first_batch_sha256"]
+    losses = train_text.pretrain_prefix("pydocs", config, info["seed"])
     assert losses == pytest.approx(info["cpu_prefix_losses"], rel=1e-4)
 
 
