@@ -167,14 +167,14 @@ print(f"perplexity on the asyncio test, quantized, before training: "
 # %% [markdown]
 # ## 5. Fine-tuning on the unseen domain, live
 #
-# A small configuration (30 steps of 8 windows of 128 tokens; the full one below is 100 steps
+# A small configuration (20 steps of 8 windows of 128 tokens; the full one below is 100 steps
 # of 16 × 256 over three seeds) is enough to see the perplexity fall on the held-out
 # `asyncio` documents. Perplexity is measured every 10 steps on windows of 128 tokens.
 
 # %%
 seed_everything(0)
 live = gpt.load_pretrained("pydocs")
-config = train.TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=3, weight_decay=0.0,
+config = train.TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup_steps=2, weight_decay=0.0,
                            eval_interval=10, progress=False, device="cpu")
 result = train_text.finetune_text(live, "asyncio", "qlora", config,
                              {"r": 8, "alpha": 16, "targets": gpt.ALL_LINEAR},
