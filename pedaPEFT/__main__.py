@@ -11,7 +11,8 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 TASKS = ("shift", "reverse", "swap")  # pedaPEFT.data.TASKS (a test checks they agree)
-PRESETS = ("tiny", "small", "gpt2")  # pedaPEFT.gpt.PRESETS (a test checks they agree)
+TEXT_DOMAINS = ("asyncio",)  # pedaPEFT.corpus.DOMAINS (a test checks they agree)
+PRESETS = ("tiny", "small", "gpt2", "pydocs")  # pedaPEFT.gpt.PRESETS (a test checks they agree)
 SHIPPED_BASES = sorted(path.stem for path in (Path(__file__).parent / "weights").glob("*.json"))
 METHODS = ("full", "top", "feature", "lora", "adapter", "qlora")
 LINEAR_NAMES = ("q", "k", "v", "o", "fc", "proj")  # every nn.Linear of a GPT block
@@ -144,7 +145,7 @@ def command_pretrain(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import files, gpt, train
+    from pedaPEFT import files, gpt, train, train_text
 
     out = files.check_output_dir(args.out, "--out")
     for path in gpt.pretrained_paths(args.preset, out):
@@ -152,17 +153,23 @@ def command_pretrain(args: argparse.Namespace) -> int:
     if args.checkpoint:
         files.check_output_file(args.checkpoint, "--checkpoint")
     torch.set_num_threads(args.threads)
-    config = replace(train.PRETRAIN_CONFIG, progress=not args.no_progress)
+    text = args.preset in train_text.TEXT_PRESETS
+    recipe = train_text if text else train
+    config = train_text.PYDOCS_PRETRAIN_CONFIG if text else train.PRETRAIN_CONFIG
+    config = replace(config, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     start = time.perf_counter()
-    model, info = train.pretrain_base(args.preset, config, args.seed, args.checkpoint,
-                                      args.resume)
+    model, info = recipe.pretrain_base(args.preset, config, args.seed, args.checkpoint,
+                                       args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        weights, _ = gpt.save_pretrained(model, info, out, args.preset)
+        # A text base is stored in bfloat16, half the download; the tests measure its
+        # validation perplexity again on the stored weights.
+        dtype = torch.bfloat16 if text else None
+        weights, _ = gpt.save_pretrained(model, info, out, args.preset, dtype=dtype)
         print(f"final loss {info['final_loss']:.4f}")
         for name, value in info["metrics"].items():
-            print(f"exact match {name}: {value:.3f}")
+            print(f"{name}: {value}" if text else f"exact match {name}: {value:.3f}")
         print(f"wrote {weights} ({time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -172,7 +179,7 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import files, gpt, train
+    from pedaPEFT import corpus, files, gpt, train, train_text
 
     if args.checkpoint:
         files.check_output_file(args.checkpoint, "--checkpoint")
@@ -186,12 +193,24 @@ def command_finetune(args: argparse.Namespace) -> int:
     elif args.method == "adapter":
         options = {"bottleneck": args.bottleneck}
     torch.set_num_threads(args.threads)
-    config = replace(train.FINETUNE_CONFIG, progress=not args.no_progress)
+    text = args.task in corpus.DOMAINS
+    defaults = train_text.TEXT_FINETUNE_CONFIG if text else train.FINETUNE_CONFIG
+    config = replace(defaults, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     if args.lr is not None:
         config = replace(config, lr=args.lr)
-    model = gpt.load_pretrained(args.base)
+    base = args.base or ("pydocs" if text else "tiny")
+    model = gpt.load_pretrained(base)
+    if text:
+        result = train_text.finetune_text(model, args.task, args.method, config,
+                                          method_options=options, checkpoint=args.checkpoint)
+        print(f"domain {result.domain} on base {base}, method {result.method}: trainable "
+              f"{result.trainable:,} of {result.total:,} parameters "
+              f"({100 * result.trainable_fraction:.2f}%)")
+        print(f"held-out perplexity before {result.perplexity_before:.2f}, after "
+              f"{result.perplexity:.2f} ({result.run.seconds:.0f} s)")
+        return 0
     result = train.finetune(model, args.task, args.method, config, n_train=args.n_train,
                             method_options=options, checkpoint=args.checkpoint)
     print(f"task {result.task}, method {result.method}: trainable {result.trainable:,} of "
@@ -248,6 +267,20 @@ def command_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_realtext_experiment(args: argparse.Namespace) -> int:
+    from pedaPEFT import experiments, files, realtext
+
+    out = Path(args.out) if args.out else realtext.results_path()
+    files.check_output_file(out, "--out")
+    results = realtext.experiment(args.scale, log=print)
+    experiments.write_results(results, out)
+    for row in results["summary"]:
+        print(f"{row['label']:16s} perplexity {row['perplexity_before']:.2f} -> "
+              f"{row['perplexity_after']:.2f} ± {row['perplexity_after_std']:.2f}")
+    print(f"wrote {out}")
+    return 0
+
+
 def command_site(args: argparse.Namespace) -> int:
     import time
 
@@ -290,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qlora_experiment.set_defaults(run=command_qlora_experiment)
 
+    realtext = commands.add_parser(
+        "realtext-experiment",
+        help="lesson 11's sweep: full FT, LoRA and QLoRA of the pydocs base on held-out text",
+    )
+    realtext.add_argument("--scale", choices=["small", "full"], default="small")
+    realtext.add_argument(
+        "--out", default=None, help="output JSON (default: figures/data/realtext_asyncio.json)"
+    )
+    realtext.set_defaults(run=command_realtext_experiment)
+
     env = commands.add_parser("env", help="check that this machine has what the course needs")
     env.set_defaults(run=command_env)
 
@@ -326,10 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     lora_experiment.set_defaults(run=command_lora_experiment)
 
     pretrain = commands.add_parser(
-        "pretrain", help="pretrain a GPT preset on the synthetic mixture and save it as a base"
+        "pretrain", help="pretrain a GPT preset (synthetic mixture, or Python's documentation "
+                         "for pydocs) and save it as a base"
     )
     pretrain.add_argument("--preset", default="tiny", choices=PRESETS,
-                          help="tiny (default), small or gpt2")
+                          help="tiny (default), small, gpt2 or pydocs (real text)")
     pretrain.add_argument("--steps", type=positive_int, default=None,
                           help="training steps (default: the recipe's)")
     pretrain.add_argument("--seed", type=non_negative_int, default=0)
@@ -348,12 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser(
         "finetune", help="fine-tune the pretrained base on a downstream task and score it"
     )
-    finetune.add_argument("--task", required=True, choices=TASKS,
-                          help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS)")
+    finetune.add_argument("--task", required=True, choices=TASKS + TEXT_DOMAINS,
+                          help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS), "
+                               "or a held-out text domain: asyncio (pedaPEFT.corpus.DOMAINS)")
     finetune.add_argument("--method", default="full", choices=METHODS,
                           help="full (default), top, feature, lora, adapter or qlora")
-    finetune.add_argument("--base", default="tiny", choices=SHIPPED_BASES,
-                          help="shipped base (default tiny)")
+    finetune.add_argument("--base", default=None, choices=SHIPPED_BASES,
+                          help="shipped base (default: pydocs for a text domain, else tiny)")
     finetune.add_argument("--steps", type=positive_int, default=None,
                           help="training steps (default: train.FINETUNE_CONFIG's)")
     finetune.add_argument("--lr", type=positive_float, default=None,

@@ -432,3 +432,37 @@ def qlora_table3(results: dict | None = None) -> Figure:
                  f"{len(results['config']['seeds'])} seeds (dots)")
     figure.tight_layout()
     return figure
+
+
+@register("realtext_perplexity")
+def realtext_perplexity(results: dict | None = None) -> Figure:
+    """Lesson 11: held-out-domain perplexity of the pydocs base before (grey line) and after
+    full fine-tuning, LoRA and QLoRA, mean ± standard deviation over seeds (dots), next to the
+    trainable parameters of each method (``figures/data/realtext_asyncio.json``)."""
+    from pedaPEFT import realtext
+
+    if results is None:
+        results = realtext.load_results()
+    summary = results["summary"]
+    labels = [row["label"] for row in summary]
+    figure = Figure(figsize=(9, 3.4))
+    ax, ax_params = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    for i, row in enumerate(summary):
+        ax.barh(i, row["perplexity_after"], xerr=row["perplexity_after_std"], color=f"C{i}",
+                alpha=0.7, capsize=3)
+        seeds = [r["perplexity_after"] for r in results["runs"] if r["label"] == row["label"]]
+        ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
+        ax_params.barh(i, row["trainable"], color=f"C{i}", alpha=0.7)
+    before = summary[0]["perplexity_before"]
+    ax.axvline(before, color="0.4", linestyle="--", label=f"base, before: {before:.1f}")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1.5 * before), xlabel=f"perplexity on unseen '{results['domain']}' documents",
+           title=f"after fine-tuning ({summary[0]['n']} seeds)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax_params.set_xscale("log")
+    ax_params.set_yticks(range(len(labels)), [])
+    ax_params.invert_yaxis()
+    ax_params.set(xlabel="trainable parameters", title="what each method trains")
+    figure.tight_layout()
+    return figure

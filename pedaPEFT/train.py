@@ -380,6 +380,21 @@ class FinetuneResult:
         return self.trainable / self.total
 
 
+def prepare(model: GPT, method: str, options: dict | None = None) -> tuple[GPT, int, int]:
+    """Apply ``METHODS[method](model, **options)``; returns (model, trainable, total), where
+    ``total`` is the base's parameter count (quantized weights included) plus what the method
+    added."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    base_ids = {id(p) for p in model.parameters()}
+    base_total = sum(p.numel() for p in model.parameters())
+    model = METHODS[method](model, **(options or {}))
+    trainable, _ = lora.count_parameters(model)
+    # The base's parameters count even when a method stores them as quantized buffers.
+    total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
+    return model, trainable, total
+
+
 def finetune(
     model: GPT,
     task: str,
@@ -396,19 +411,12 @@ def finetune(
 
     Introduced in lesson 3, section "3. Fine-tuning: what each method can learn".
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     config = FINETUNE_CONFIG if config is None else config
     block = model.config.block_size
     train_set = data.task_data(task, "train", n_train, block)
     test_set = data.task_data(task, "test", data.TEST_SIZE, block)
     accuracy_before = data.exact_match(model, test_set)
-    base_ids = {id(p) for p in model.parameters()}
-    base_total = sum(p.numel() for p in model.parameters())
-    model = METHODS[method](model, **(method_options or {}))
-    trainable, _ = lora.count_parameters(model)
-    # The base's parameters count even when a method stores them as quantized buffers.
-    total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
+    model, trainable, total = prepare(model, method, method_options)
     run = train(
         model,
         lambda step: train_set.batch(step, config.batch_size),

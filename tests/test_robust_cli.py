@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pedaPEFT import __main__ as cli
-from pedaPEFT import data, experiments, gpt
+from pedaPEFT import corpus, data, experiments, gpt
 
 
 def run_cli(argv, capsys):
@@ -30,6 +30,7 @@ def assert_user_error(argv, capsys, *names):
 
 def test_cli_constants_agree_with_the_package():
     assert set(cli.TASKS) == set(data.TASKS)
+    assert set(cli.TEXT_DOMAINS) == set(corpus.DOMAINS)
     assert set(cli.PRESETS) == set(gpt.PRESETS)
     assert cli.SHIPPED_BASES == sorted(p.stem for p in gpt.PRETRAINED_DIR.glob("*.safetensors"))
 
