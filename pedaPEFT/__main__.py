@@ -29,6 +29,11 @@ def command_figures(args: argparse.Namespace) -> int:
 
 
 def command_lessons(args: argparse.Namespace) -> int:
+    if args.copy is not None:
+        return copy_lessons(args)
+    if args.student or args.force:
+        print("error: --student and --force go with --copy DIR", file=sys.stderr)
+        return 2
     from pedaPEFT import notebooks
 
     if args.check:
@@ -44,11 +49,33 @@ def command_lessons(args: argparse.Namespace) -> int:
     return 0
 
 
+def copy_lessons(args: argparse.Namespace) -> int:
+    """``lessons --copy DIR [--student] [--force]``: the installed notebooks, copied out."""
+    from pedaPEFT import course_files
+
+    if args.names or args.check:
+        print("error: --copy takes no lesson names and no --check", file=sys.stderr)
+        return 2
+    try:
+        written = course_files.copy_lessons(args.copy, student=args.student, force=args.force)
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    kind = "student notebooks" if args.student else "lessons"
+    print(f"copied {len(written)} {kind} to {args.copy}")
+    for path in written:
+        print(f"  {path.name}")
+    print(f"open them with: jupyter lab {args.copy}")
+    return 0
+
+
 def command_lora_experiment(args: argparse.Namespace) -> int:
-    from pedaPEFT import experiments
+    from pedaPEFT import course_files, experiments
 
     results = experiments.experiment(args.name, args.scale, args.task, log=print)
-    out = Path(args.out) if args.out else experiments.results_path(args.name)
+    name = args.name if args.task in (None, "shift") else f"{args.name}_{args.task}"
+    out = Path(args.out) if args.out else (
+        course_files.RESULTS_OUT / experiments.results_filename(name))
     experiments.write_results(results, out)
     print(f"wrote {out} ({results['seconds']:.0f} s)")
     return 0
@@ -75,7 +102,7 @@ def command_pretrain(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        out = Path(args.out) if args.out else gpt.PRETRAINED_DIR
+        out = Path(args.out)
         weights, _ = gpt.save_pretrained(model, info, out, args.preset)
         print(f"final loss {info['final_loss']:.4f}")
         for name, value in info["metrics"].items():
@@ -134,10 +161,11 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_qlora_experiment(args: argparse.Namespace) -> int:
-    from pedaPEFT import experiments, qlora
+    from pedaPEFT import course_files, experiments, qlora
 
     results = qlora.table3_experiment(args.scale, args.task, log=print)
-    out = Path(args.out) if args.out else qlora.table3_results_path(args.task)
+    out = Path(args.out) if args.out else (
+        course_files.RESULTS_OUT / qlora.table3_results_filename(args.task))
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0
@@ -163,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     qlora_experiment.add_argument("--scale", choices=["small", "full"], default="small")
     qlora_experiment.add_argument("--task", default="reverse", help="downstream task")
     qlora_experiment.add_argument(
-        "--out", default=None, help="output JSON (default: figures/data/qlora_table3_<task>.json)"
+        "--out", default=None,
+        help="output JSON (default: results/qlora_table3_<task>.json in the working directory; "
+             "--out pedaPEFT/results/qlora_table3_<task>.json refreshes a clone's committed copy)"
     )
     qlora_experiment.set_defaults(run=command_qlora_experiment)
 
@@ -172,15 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     figures = commands.add_parser("figures", help="regenerate every PNG in figures/")
     figures.add_argument("names", nargs="*", help="figure names (default: all)")
-    figures.add_argument("--out", default=str(REPO_DIR / "figures"), help="output folder")
+    figures.add_argument("--out", default="figures",
+                         help="output folder (default: figures/ in the working directory)")
     figures.set_defaults(run=command_figures)
 
     lessons = commands.add_parser(
-        "lessons", help="build lesson notebooks (with outputs) and student copies from scripts"
+        "lessons",
+        help="copy the lessons out of the installed package (--copy DIR), or, in a clone, "
+             "build notebooks (with outputs) and student copies from their scripts",
     )
     lessons.add_argument("names", nargs="*", help="lessons to build, e.g. 01 (default: all)")
     lessons.add_argument(
         "--check", action="store_true", help="only report drift between scripts and notebooks"
+    )
+    lessons.add_argument(
+        "--copy", metavar="DIR", default=None,
+        help="copy the installed lesson notebooks into DIR (created if missing)",
+    )
+    lessons.add_argument(
+        "--student", action="store_true",
+        help="with --copy: the exercise versions (solutions stubbed, outputs cleared)",
+    )
+    lessons.add_argument(
+        "--force", action="store_true", help="with --copy: overwrite notebooks already in DIR"
     )
     lessons.set_defaults(run=command_lessons)
 
@@ -191,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora_experiment.add_argument("--scale", choices=["small", "full"], default="small")
     lora_experiment.add_argument("--task", default=None, help="downstream task (default: shift)")
     lora_experiment.add_argument(
-        "--out", default=None, help="output JSON (default: figures/data/lora_<name>.json)"
+        "--out", default=None,
+        help="output JSON (default: results/lora_<name>[_<task>].json in the working directory; "
+             "--out pedaPEFT/results/lora_<name>.json refreshes a clone's committed copy)"
     )
     lora_experiment.set_defaults(run=command_lora_experiment)
 
@@ -202,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--steps", type=int, default=None,
                           help="training steps (default: the recipe's)")
     pretrain.add_argument("--seed", type=int, default=0)
-    pretrain.add_argument("--out", default=None,
-                          help="output folder (default: the package's weights/ folder)")
+    pretrain.add_argument("--out", default="weights",
+                          help="output folder (default: weights/ in the working directory; "
+                               "--out pedaPEFT/weights refreshes a clone's shipped base)")
     pretrain.add_argument("--checkpoint", default=None, help="checkpoint file to write")
     pretrain.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")

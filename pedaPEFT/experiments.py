@@ -20,8 +20,9 @@ order of the training batches.
   function of the learning rate, for several r, under α/r, α/√r (rsLoRA) and no scaling.
 
 ``SCALES["small"]`` runs in seconds (the lessons and tests use it); ``SCALES["full"]`` is
-what ``python -m pedaPEFT experiment NAME --scale full`` runs to write the committed results
-in ``figures/data/`` that the figures plot.
+what ``python -m pedaPEFT lora-experiment NAME --scale full`` runs; its results, committed in
+``pedaPEFT/results/`` (package data, see :mod:`pedaPEFT.course_files`), are what the figures
+plot and the lessons read.
 """
 
 from __future__ import annotations
@@ -40,9 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pedaPEFT import adapters, data, gpt, linalg, lora, train
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "figures" / "data"
+from pedaPEFT import adapters, course_files, data, gpt, linalg, lora, train
 
 
 @dataclass(frozen=True)
@@ -288,9 +287,9 @@ def summarize(rows: Iterable[dict], group: str | None = None) -> list[dict[str, 
     return summary
 
 
-def results_path(name: str) -> Path:
-    """``figures/data/lora_<name>.json``: where the full-scale results are committed."""
-    return DATA_DIR / f"lora_{name}.json"
+def results_filename(name: str) -> str:
+    """``lora_<name>.json``: the file name of experiment ``name``'s full-scale results."""
+    return f"lora_{name}.json"
 
 
 def write_results(results: dict, path: str | os.PathLike) -> Path:
@@ -312,14 +311,13 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
 
 
 def load_results(name: str) -> dict:
-    """The committed full-scale results of experiment ``name``."""
-    path = results_path(name)
-    if not path.exists():
-        raise ValueError(
-            f"no results for {name!r} at {path}; run python -m pedaPEFT experiment {name} "
-            "--scale full"
-        )
-    return json.loads(path.read_text())
+    """The committed full-scale results of experiment ``name`` (shipped with the package)."""
+    experiment_name = name.removesuffix("_reverse")
+    return course_files.load_shipped_results(
+        results_filename(name),
+        f"python -m pedaPEFT lora-experiment {experiment_name} --scale full "
+        f"--out pedaPEFT/results/{results_filename(name)} (in a clone)",
+    )
 
 
 SCALING_RULES = ("alpha/r", "alpha/sqrt(r)", "none")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -886,9 +887,16 @@ def table3_summary(results: dict) -> list[dict]:
     return summary
 
 
-def table3_results_path(task: str = "reverse") -> Path:
-    """``figures/data/qlora_table3_<task>.json``: the committed full-scale results."""
-    return Path(__file__).resolve().parent.parent / "figures" / "data" / f"qlora_table3_{task}.json"
+def table3_results_filename(task: str = "reverse") -> str:
+    """``qlora_table3_<task>.json``: the file name of the full-scale results for ``task``."""
+    return f"qlora_table3_{task}.json"
+
+
+def table3_results_path(task: str = "reverse") -> Traversable:
+    """The committed full-scale results for ``task`` (package data: ``pedaPEFT/results/``)."""
+    from pedaPEFT import course_files
+
+    return course_files.shipped_results(table3_results_filename(task))
 
 
 def _register() -> None:
