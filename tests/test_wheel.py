@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD_INPUTS = ("pyproject.toml", "README.md", "pedaPEFT", "lessons")
 SANITIZE_FILE = ROOT / "tests" / "nbval_sanitize.cfg"
 NOT_INSTALLED_LESSON = "03_finetuning.ipynb"
-STEP_TIMEOUT_S = 900
+STEP_TIMEOUT_S = 1800
 
 
 def run(command: list, cwd: Path, env: dict | None = None) -> str:
