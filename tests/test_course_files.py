@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
+import pedaPEFT
 from pedaPEFT import course_files, experiments, notebooks, qlora
 from pedaPEFT.__main__ import main
+from pedaPEFT.course import check_version
 
 LESSONS_DIR = notebooks.LESSONS_DIR
 
@@ -91,3 +93,20 @@ def test_figures_command_writes_under_the_working_directory(tmp_path, monkeypatc
     assert main(["figures", "rank_parameter_counts"]) == 0
     assert (tmp_path / "figures" / "rank_parameter_counts.png").stat().st_size > 0
     assert "wrote figures/rank_parameter_counts.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("written_for", ["0.2.0", "1.0.0"])
+def test_check_version_stops_an_incompatible_package_in_one_line(monkeypatch, written_for):
+    monkeypatch.setattr(pedaPEFT, "__version__", "0.1.5")
+    with pytest.raises(RuntimeError) as error:
+        check_version(written_for)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"written for pedaPEFT {written_for} but 0.1.5 is installed" in message
+    assert f"git+{pedaPEFT.REPOSITORY_URL}@v{written_for}" in message
+
+
+@pytest.mark.parametrize("written_for", ["0.1.0", "0.1.5", "0.0.9"])
+def test_check_version_accepts_the_same_major_version_not_older(monkeypatch, written_for):
+    monkeypatch.setattr(pedaPEFT, "__version__", "0.1.5")
+    check_version(written_for)
