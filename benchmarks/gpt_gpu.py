@@ -179,7 +179,7 @@ def write_report(args, single, multi, mem, config, path: Path) -> str:
         f"Device: {single['device']} (x{multi['world']} for DDP). torch {torch.__version__}."
         + (" **Smoke run on CPU: sizes are tiny, numbers mean nothing.**" if args.smoke else ""),
         "",
-        f"Model: {gpt.count_parameters(config):,} parameters (d={config.n_embd}, "
+        f"Model: {gpt.parameter_count(config):,} parameters (d={config.n_embd}, "
         f"L={config.n_layer}, h={config.n_head}, V={config.vocab_size}), sequence "
         f"{args.seq_len}, batch {args.batch_size} per GPU, bf16 autocast, SDPA, fused AdamW, "
         f"torch.compile {'on' if args.compile else 'off'}. FLOPs per token "

@@ -99,7 +99,7 @@ def gates(device, bnb):
                 st = quant.quantize_4bit(w, quant_type=quant_type, double_quant=double_quant)
                 args = [st.packed, st.absmax, st.code, st.nested_absmax, st.nested_code,
                         st.offset]
-                cpu = kernels.dequantize_4bit_reference(*args, n, 64, 256, torch.bfloat16)
+                cpu = kernels.dequantize_4bit_torch(*args, n, 64, 256, torch.bfloat16)
                 gpu_args = [None if a is None else a.to(device) for a in args]
                 gpu_out = kernels.dequantize_4bit_triton(*gpu_args, n, 64, 256, torch.bfloat16)
                 worst = max(worst, (gpu_out.cpu().float() - cpu.float()).abs().max().item())

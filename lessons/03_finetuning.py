@@ -89,7 +89,7 @@ for name in gpt.PRESETS:
     with torch.device("meta"):  # shapes only, no memory
         real = sum(p.numel() for p in gpt.GPT(config).parameters())
     print(f"{name:>5}: d={config.n_embd:4d} L={config.n_layer:2d} V={config.vocab_size:5d}  "
-          f"formula {gpt.count_parameters(config):>11,}  real {real:>11,}")
+          f"formula {gpt.parameter_count(config):>11,}  real {real:>11,}")
 
 # %% [markdown]
 # The lessons use the `tiny` preset's **pretrained base**, shipped with the package (made by
@@ -148,7 +148,7 @@ for method in ("full", "top", "feature"):
 d, V = base.config.n_embd, base.config.vocab_size
 assert counts["top"] == (12 * d * d + 13 * d) + 2 * d + V * d
 assert counts["feature"] == V * d
-assert counts["full"] == gpt.count_parameters(base.config)
+assert counts["full"] == gpt.parameter_count(base.config)
 
 # %% [markdown]
 # ## 3. Fine-tuning: what each method can learn

@@ -291,7 +291,7 @@ print("max |logits difference| < 1e-5:", (logits_lora - logits_merged).abs().max
 #
 # The lecture's point about flexibility follows: one frozen base can serve many tasks, each a
 # small $(A, B)$ file; switching tasks means subtracting one $BA$ and adding another.
-# `lora.save_adapter` writes exactly PEFT's files (`adapter_model.safetensors` and
+# `serialization.save_lora_adapter` writes exactly PEFT's files (`adapter_model.safetensors` and
 # `adapter_config.json`), which PEFT's `PeftModel.from_pretrained` loads (tested).
 #
 # ## 6. The lecture's PEFT printout for mt0-large, recomputed
@@ -472,7 +472,7 @@ for options in (
 #   $r(k + d)$ per layer (`lora.count_parameters`, `lora.print_trainable_parameters`).
 # * Targets by exact name or dotted suffix: `lora.apply_lora(model, LoRAConfig(...))`.
 # * Merge $W_0 \leftarrow W_0 + \Delta W$: `.merge()`, `lora.merge_lora` — zero inference
-#   cost; PEFT's files: `lora.save_adapter` / `lora.load_adapter`.
+#   cost; PEFT's files: `serialization.save_lora_adapter` / `load_lora_adapter`.
 # * $\alpha/r$ keeps the good learning rate roughly independent of $r$.
 #
 # Lecture numbers checked in this lesson:

@@ -193,7 +193,7 @@ plt.show()
 # The numbers at three blocksizes:
 
 # %%
-x_demo = figures.normal_with_outliers()
+x_demo = quant.normal_with_outliers()
 for bits in (8, 4):
     for blocksize in (16, 64, x_demo.numel()):
         q, scale = quant.blockwise_absmax_quantize(x_demo, bits=bits, blocksize=blocksize)

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from pedaPEFT import exercises, figures, quant
+from pedaPEFT import exercises, figures, gpt, quant
 
 np.set_printoptions(precision=4, suppress=True)
 
@@ -201,9 +201,9 @@ print("FP4 distinct values:", torch.unique(fp4).numel(), "| int4 levels:", 15, "
 
 # %%
 normal = [torch.randn(2**18, generator=torch.Generator().manual_seed(0))]
-trained = figures.gpt_linear_weights("tiny")
+trained = gpt.linear_weights("tiny")
 print(f"trained weights: {len(trained)} matrices, {sum(w.numel() for w in trained):,} values")
-errors = figures.four_bit_errors({"normal": normal, "trained": trained})
+errors = quant.four_bit_errors({"normal": normal, "trained": trained})
 for data, row in errors.items():
     print(f"{data:>8}: " + ", ".join(f"{m} {e:.3f} %" for m, e in row.items()))
 

@@ -169,7 +169,7 @@ print("layer == quant.dequantize_4bit:", torch.equal(layer.base_layer.dequantize
 # %%
 model = gpt.load_pretrained("tiny")
 dense_bytes = qlora.model_bytes(model)
-n_params = gpt.count_parameters(model.config)
+n_params = gpt.parameter_count(model.config)
 linear_params = model.config.n_layer * 12 * model.config.n_embd**2
 config = lora.LoRAConfig(r=8, alpha=16, target_modules=qlora.ALL_LINEAR)
 names = qlora.quantize_model(model, config, quant_type="nf4", double_quant=True)
@@ -217,7 +217,7 @@ print(f"training state (weights + grads + AdamW) predicted: {refined.static:,.0f
 
 # %%
 small = experiments.SCALES["small"]
-run = qlora.table3_run("QLoRA NF4 + DQ, all linear", "qlora", {}, "reverse", 0, small)
+run = experiments.table3_run("QLoRA NF4 + DQ, all linear", "qlora", {}, "reverse", 0, small)
 before = gpt.pretrained_info("tiny")["metrics"]["downstream/reverse"]
 print(f"training loss: step 1 {run['loss_first']:.2f} -> step 30 {run['loss_last']:.2f}")
 print(f"exact match on 'reverse': base {before:.3f} -> after 30 steps {run['accuracy']:.3f} "
@@ -238,10 +238,10 @@ print(f"exact match on 'reverse': base {before:.3f} -> after 30 steps {run['accu
 
 # %%
 for task in ("reverse", "shift"):
-    results = json.loads(qlora.table3_results_path(task).read_text())
+    results = json.loads(experiments.table3_results_path(task).read_text())
     print(f"task '{task}', {results['config']['steps']} steps, seeds {results['config']['seeds']}")
     print(f"  {'method':<30} {'trainable':>9} {'stored bytes':>13} {'exact match':>14}")
-    for row in qlora.table3_summary(results):
+    for row in experiments.table3_summary(results):
         print(f"  {row['label']:<30} {row['trainable']:>9,} {row['model_bytes_after']:>13,} "
               f"{row['mean']:>7.3f} ± {row['std']:.3f}")
 
@@ -363,7 +363,7 @@ print(f"re-quantizing the merged weights: relative error {mean['rel_error']:.3f}
 # %% [markdown]
 # The new rounding error is about half the size of the update it is supposed to carry: a
 # re-quantized merge is a different model, which is why QLoRA ships the 4-bit base and the
-# small adapter separately (`qlora.save_quantized`, `qlora.save_adapter`) or merges into
+# small adapter separately (`serialization.save_quantized`, `save_qlora_adapter`) or merges into
 # a 16-bit model.
 #
 # ## 9. The lecture's hyperparameter slide

@@ -70,7 +70,7 @@ print(f"pedaPEFT {pedaPEFT.__version__}")
 import matplotlib.pyplot as plt
 import torch
 
-from pedaPEFT import exercises, figures, gpt, paged, quant
+from pedaPEFT import exercises, figures, gpt, paged, quant, simulated_device
 
 torch.set_num_threads(1)  # the models here are tiny: one thread is fastest on a shared CPU
 
@@ -241,8 +241,8 @@ print("bytes per step by hand:", sum(paged.state_bytes(params[i])
 #
 # Now the situation paging is for. A training step needs, at once, the weights, their
 # gradients, the activations saved for backward and the optimizer states. Activations grow
-# with the batch: `paged.activation_bytes` measures them by counting every tensor autograd
-# saves during a forward pass.
+# with the batch: `simulated_device.activation_bytes` measures them by counting every tensor
+# autograd saves during a forward pass.
 
 # %%
 from pedaPEFT import data
@@ -250,8 +250,8 @@ from pedaPEFT import data
 config = gpt.GPTConfig.preset("tiny")
 x_normal, _ = data.pretrain_batch(0, 8, block_size=config.block_size)
 x_spike, _ = data.pretrain_batch(0, 12, block_size=config.block_size)
-act_normal = paged.activation_bytes(model, x_normal)
-act_spike = paged.activation_bytes(model, x_spike)
+act_normal = simulated_device.activation_bytes(model, x_normal)
+act_spike = simulated_device.activation_bytes(model, x_spike)
 print(f"activations: batch 8 -> {act_normal:,} bytes, batch 12 -> {act_spike:,} bytes "
       f"({act_spike / act_normal:.2f}x)")
 
@@ -275,16 +275,17 @@ print(f"budget left for states at the spike: {capacity - 2 * weight_bytes - act_
       f"of {state_bytes:,} bytes")
 
 # %% [markdown]
-# `paged.spike_demo()` runs the experiment: 14 steps of full fine-tuning on the pretraining
-# mixture, steps 6 and 7 with 12 sequences instead of 8. `paged.train_on_simulated_device`
-# checks every step's footprint against the capacity (raising `DeviceOutOfMemoryError` like a
-# failed allocation) and, for a `PagedAdamW`, sets its budget to what the step leaves free:
-# states are evicted before the large batch and recalled after it. A third run, with no limit
+# `simulated_device.spike_demo()` runs the experiment: 14 steps of full fine-tuning on the
+# pretraining mixture, steps 6 and 7 with 12 sequences instead of 8.
+# `simulated_device.train_on_simulated_device` checks every step's footprint against the
+# capacity (raising `DeviceOutOfMemoryError` like a failed allocation) and, for a `PagedAdamW`,
+# sets its budget to what the step leaves free: states are evicted before the large batch and
+# recalled after it. A third run, with no limit
 # at all, is the yardstick. (Our device is the same for the whole step; on a real GPU
 # activations are freed during backward, so the true peak is a little lower than this sum.)
 
 # %%
-demo = paged.spike_demo()
+demo = simulated_device.spike_demo()
 print("same capacity as ours:", demo.capacity_bytes == capacity)
 print("torch AdamW:", demo.plain_error)
 print(f"PagedAdamW: finished all {len(demo.paged)} steps; largest footprint "
@@ -483,7 +484,7 @@ largest_plain_batch = (capacity - 2 * weight_bytes - state_bytes) // per_sequenc
 # %%
 def fits_without_paging(batch_size):
     x, _ = data.pretrain_batch(0, batch_size, block_size=config.block_size)
-    need = 2 * weight_bytes + state_bytes + paged.activation_bytes(model, x)
+    need = 2 * weight_bytes + state_bytes + simulated_device.activation_bytes(model, x)
     return need <= capacity
 
 

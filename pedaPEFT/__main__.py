@@ -116,13 +116,10 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import adapters, gpt, lora, qlora, train
-
-    train.register_method("lora", lora.prepare_lora)
-    train.register_method("adapter", adapters.prepare_adapters)
+    from pedaPEFT import gpt, train
     options = {}
     if args.method in ("lora", "qlora"):
-        default_targets = "q,v" if args.method == "lora" else ",".join(qlora.ALL_LINEAR)
+        default_targets = "q,v" if args.method == "lora" else ",".join(gpt.ALL_LINEAR)
         targets = [name.strip() for name in (args.targets or default_targets).split(",")]
         options = {"r": args.r, "alpha": args.alpha, "targets": [t for t in targets if t],
                    "dropout": args.lora_dropout}
@@ -154,18 +151,18 @@ def command_demo(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from pedaPEFT import qlora
+    from pedaPEFT import demo
 
-    qlora.demo(args.task, out_dir=args.out)
+    demo.demo(args.task, out_dir=args.out)
     return 0
 
 
 def command_qlora_experiment(args: argparse.Namespace) -> int:
-    from pedaPEFT import course_files, experiments, qlora
+    from pedaPEFT import course_files, experiments
 
-    results = qlora.table3_experiment(args.scale, args.task, log=print)
+    results = experiments.table3_experiment(args.scale, args.task, log=print)
     out = Path(args.out) if args.out else (
-        course_files.RESULTS_OUT / qlora.table3_results_filename(args.task))
+        course_files.RESULTS_OUT / experiments.table3_results_filename(args.task))
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0

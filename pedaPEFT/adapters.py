@@ -28,6 +28,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from pedaPEFT.gpt import ADAPTER_TARGETS
+from pedaPEFT.targets import check_targets, find_targets
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "relu": nn.ReLU,
@@ -35,9 +38,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
 }
 
-GPT_ADAPTER_TARGETS = ("o", "proj")
-"""Where Houlsby adapters go in :mod:`pedaPEFT.gpt`: after the attention output projection
-``o`` and after the MLP output projection ``proj`` of every block."""
+
 
 
 def _check_positive_int(value: object, name: str) -> int:
@@ -65,6 +66,8 @@ def bottleneck_param_count(d_model: int, bottleneck: int, bias: bool = True) -> 
     49152
     >>> bottleneck_param_count(1024, 24)
     50200
+
+    Introduced in lesson 4.
     """
     d_model, bottleneck = _check_bottleneck(d_model, bottleneck)
     weights = 2 * d_model * bottleneck
@@ -78,6 +81,8 @@ class BottleneckAdapter(nn.Module):
         d_model: size ``d`` of the hidden vectors the adapter reads and writes.
         bottleneck: size ``m`` of the bottleneck, ``0 < m < d``.
         activation: one of ``"gelu"``, ``"relu"``, ``"swish"``, ``"tanh"``.
+
+    Introduced in lesson 4.
     """
 
     def __init__(self, d_model: int, bottleneck: int, activation: str = "gelu") -> None:
@@ -123,11 +128,6 @@ class WithAdapter(nn.Module):
         return self.adapter(self.base_layer(*args, **kwargs))
 
 
-def name_matches(name: str, targets: Iterable[str]) -> bool:
-    """PEFT's target rule: ``name`` equals a target or ends with ``"." + target``."""
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def _output_size(module: nn.Module, name: str) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -136,63 +136,10 @@ def _output_size(module: nn.Module, name: str) -> int:
     )
 
 
-def check_targets(
-    targets: object, argument: str = "targets", example: str = "('o', 'proj')"
-) -> tuple[str, ...]:
-    """``targets`` as a tuple of module names; a clear error naming ``argument`` otherwise."""
-    if isinstance(targets, str) or not isinstance(targets, Iterable):
-        raise TypeError(
-            f"{argument} must be a list or tuple of module names such as {example}, "
-            f"got {targets!r}"
-        )
-    targets = tuple(targets)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"{argument} must be a non-empty list of module names, got {targets!r}")
-    return targets
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` in ``model``; a wrapped layer is named by its wrapper."""
-    return [
-        name.removesuffix(".base_layer")
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-    ]
-
-
-def no_match_message(argument: str, targets: tuple[str, ...], model: nn.Module) -> str:
-    """Error text for targets that match nothing, listing the Linear layers that exist."""
-    names = linear_names(model)
-    short = sorted({name.rsplit(".", 1)[-1] for name in names})
-    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-    return (
-        f"{argument}={list(targets)} matched no module. Available nn.Linear names "
-        f"(match by exact name or by last component): {short}; full names: {shown}"
-    )
-
-
-def find_targets(
-    model: nn.Module, targets: tuple[str, ...], argument: str
-) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module matching ``targets`` by PEFT's rule, in model order.
-
-    Raises ``ValueError`` naming ``argument`` and listing the model's Linear layers when nothing
-    matches.
-    """
-    matches = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and name_matches(name, targets)
-    ]
-    if not matches:
-        raise ValueError(no_match_message(argument, targets, model))
-    return matches
-
-
 def add_adapters(
     model: nn.Module,
     bottleneck: int,
-    targets: Iterable[str] = GPT_ADAPTER_TARGETS,
+    targets: Iterable[str] = ADAPTER_TARGETS,
     activation: str = "gelu",
     freeze: bool = True,
 ) -> list[str]:
@@ -204,6 +151,8 @@ def add_adapters(
     The adapters are created on the device and in the dtype of the layer they follow.
 
     Returns the names of the wrapped modules, in ``model.named_modules()`` order.
+
+    Introduced in lesson 4.
     """
     targets = check_targets(targets)
     _check_positive_int(bottleneck, "bottleneck")
@@ -222,9 +171,7 @@ def add_adapters(
     for name, module in matches:
         adapter = BottleneckAdapter(module.out_features, bottleneck, activation)
         adapter.to(device=module.weight.device, dtype=module.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, WithAdapter(module, adapter))
+        model.set_submodule(name, WithAdapter(module, adapter))
         wrapped.append(name)
     if freeze:
         for param_name, param in model.named_parameters():
@@ -235,7 +182,7 @@ def add_adapters(
 def prepare_adapters(
     model: nn.Module,
     bottleneck: int = 16,
-    targets: Iterable[str] = GPT_ADAPTER_TARGETS,
+    targets: Iterable[str] = ADAPTER_TARGETS,
     activation: str = "gelu",
 ) -> nn.Module:
     """Fine-tuning method ``"adapter"`` for :func:`pedaPEFT.train.finetune`: Houlsby adapters

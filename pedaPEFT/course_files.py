@@ -15,16 +15,17 @@ path relative to the working directory, ``RESULTS_OUT`` for results, or wherever
 says; never into the installed package, which may be read-only and is replaced on upgrade.
 A clone refreshes its committed results by naming them: ``--out pedaPEFT/results/NAME.json``.
 
-This module uses the standard library only, so ``lessons --copy`` works in an environment
-that has the package without its test or lesson-building extras.
+This module needs only the standard library (and :mod:`pedaPEFT.files`), so ``lessons --copy``
+works in an environment that has the package without its test or lesson-building extras.
 """
 
 import json
 import os
-import tempfile
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
+
+from pedaPEFT.files import atomic_write
 
 RESULTS_OUT = Path("results")
 """Default folder, relative to the working directory, for results the experiment commands write."""
@@ -93,18 +94,6 @@ def copy_lessons(destination: str | os.PathLike, student: bool = False,
         )
     destination.mkdir(parents=True, exist_ok=True)
     for item, target in zip(notebooks, targets, strict=True):
-        _write_atomically(target, item.read_bytes())
+        content = item.read_bytes()
+        atomic_write(target, lambda temporary, data=content: Path(temporary).write_bytes(data))
     return targets
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(content)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

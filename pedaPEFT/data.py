@@ -16,8 +16,6 @@ Exact-match accuracy counts an example correct when every answer character (and 
 closing newline) is the arg-max prediction given the gold prefix. For a prompt that is the
 same as greedy decoding producing the whole answer: the first wrong character is wrong in
 both.
-
-``load_text`` turns any text file into a character-level language-modelling corpus.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from __future__ import annotations
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +36,10 @@ LETTERS = string.ascii_lowercase
 
 
 def encode(text: str) -> list[int]:
-    """Character ids of ``text`` in the synthetic alphabet ``CHARS``."""
+    """Character ids of ``text`` in the synthetic alphabet ``CHARS``.
+
+    Introduced in lesson 3.
+    """
     unknown = sorted(set(text) - set(STOI))
     if unknown:
         raise ValueError(f"text contains characters outside the alphabet: {unknown}")
@@ -47,7 +47,10 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids: list[int] | torch.Tensor) -> str:
-    """Inverse of ``encode``."""
+    """Inverse of ``encode``.
+
+    Introduced in lesson 3.
+    """
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
     return "".join(CHARS[i] for i in ids)
@@ -171,6 +174,8 @@ def task_data(name: str, split: str, n: int, block_size: int = 16) -> TaskData:
 
     The two splits come from different random streams, and test inputs are removed from
     the training split, so test accuracy measures generalisation to unseen strings.
+
+    Introduced in lesson 3, used again in lesson 9.
     """
     task = get_task(name)
     if split not in SPLIT_SEEDS:
@@ -199,6 +204,8 @@ def pretrain_batch(
 
     Fresh examples each step, a pure function of (seed, step). Every character after the
     first is a target (language modelling), padding is not.
+
+    Introduced in lesson 3, used again in lesson 10.
     """
     rng = np.random.default_rng([seed, step])
     tasks = list(PRETRAIN_TASKS.values())
@@ -208,7 +215,10 @@ def pretrain_batch(
 
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> float:
-    """Fraction of examples whose whole answer is predicted correctly (teacher-forced arg-max)."""
+    """Fraction of examples whose whole answer is predicted correctly (teacher-forced arg-max).
+
+    Introduced in lesson 3.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -221,63 +231,3 @@ def exact_match(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -
         correct += ((pred == y) | ~scored).all(dim=1).sum().item()
     model.train(was_training)
     return correct / len(data)
-
-
-@dataclass
-class TextCorpus:
-    """A character-level corpus from a text file: its own alphabet, train and validation ids."""
-
-    chars: str
-    train_ids: torch.Tensor
-    val_ids: torch.Tensor
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        stoi = {c: i for i, c in enumerate(self.chars)}
-        unknown = sorted(set(text) - set(stoi))
-        if unknown:
-            raise ValueError(f"text contains characters not in the corpus: {unknown}")
-        return [stoi[c] for c in text]
-
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return "".join(self.chars[i] for i in ids)
-
-    def batch(
-        self, step: int, batch_size: int, block_size: int, split: str = "train", seed: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows of ``block_size`` characters and the windows shifted by one."""
-        ids = {"train": self.train_ids, "val": self.val_ids}.get(split)
-        if ids is None:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if len(ids) <= block_size:
-            raise ValueError(
-                f"the {split} split has {len(ids)} characters; block_size must be < {len(ids)}"
-            )
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        starts = torch.randint(len(ids) - block_size, (batch_size,), generator=g)
-        offsets = torch.arange(block_size)
-        x = ids[starts[:, None] + offsets]
-        y = ids[starts[:, None] + offsets + 1]
-        return x, y
-
-
-def load_text(path: str | Path, val_fraction: float = 0.1) -> TextCorpus:
-    """Read a UTF-8 text file into a ``TextCorpus`` (last ``val_fraction`` held out)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path must name an existing text file, got {str(path)!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    text = path.read_text(encoding="utf-8")
-    if len(text) < 2:
-        raise ValueError(f"path {str(path)!r} holds {len(text)} characters; need at least 2")
-    chars = "".join(sorted(set(text)))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
-    n_val = max(1, int(len(ids) * val_fraction))
-    return TextCorpus(chars, ids[:-n_val], ids[-n_val:])

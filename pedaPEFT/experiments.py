@@ -19,6 +19,9 @@ order of the training batches.
   a fixed learning rate makes after a few Adam steps, and the loss after a few steps as a
   function of the learning rate, for several r, under α/r, α/√r (rsLoRA) and no scaling.
 
+* ``qlora_table3``: the QLoRA paper's table 3 in miniature (lesson 9): full fine-tuning,
+  LoRA on a float32 base and QLoRA on int8, FP4 and NF4 + DQ bases, at the same r and α.
+
 ``SCALES["small"]`` runs in seconds (the lessons and tests use it); ``SCALES["full"]`` is
 what ``python -m pedaPEFT lora-experiment NAME --scale full`` runs; its results, committed in
 ``pedaPEFT/results/`` (package data, see :mod:`pedaPEFT.course_files`), are what the figures
@@ -31,17 +34,18 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from pedaPEFT import adapters, course_files, data, gpt, linalg, lora, train
+from pedaPEFT import course_files, data, gpt, linalg, lora, qlora, train
+from pedaPEFT.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,32 @@ TABLE6_EXTRA = ((("q",), 64),)  # W_q alone: does a high rank rescue it?
 LORA_ALPHA = 8
 BUDGET_RANK = 8  # table 5: r = BUDGET_RANK / (number of weight types)
 
-PREPARE: dict[str, Callable[..., nn.Module]] = {
-    **train.METHODS,
-    "adapter": adapters.prepare_adapters,
-    "lora": lora.prepare_lora,
-}
+def train_prepared(
+    model: nn.Module,
+    train_set: data.TaskData,
+    scale: Scale,
+    lr: float,
+    seed: int,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> train.TrainResult:
+    """Train a prepared model as every experiment here does: ``scale.steps`` AdamW steps with
+    10 % warm-up, no weight decay, batches drawn from ``train_set`` in the order ``seed``
+    sets; ``evaluate`` (if given) runs four times along the way and at the end."""
+    config = train.TrainConfig(
+        steps=scale.steps,
+        batch_size=scale.batch_size,
+        lr=lr,
+        warmup_steps=max(1, scale.steps // 10),
+        weight_decay=0.0,
+        eval_interval=max(1, scale.steps // 4) if evaluate is not None else 0,
+        progress=False,
+    )
+    return train.train(
+        model,
+        lambda step: train_set.batch(step, scale.batch_size, seed=seed),
+        config,
+        evaluate=evaluate,
+    )
 
 
 def run(
@@ -92,9 +117,11 @@ def run(
 
     Accuracy is measured on the test split, or with ``validation=True`` on ``N_VALIDATION``
     further examples of the training stream that training never sees (for choosing ``lr``).
+
+    Introduced in lesson 4, used again in lesson 5.
     """
-    if method not in PREPARE:
-        raise ValueError(f"method must be one of {sorted(PREPARE)}, got {method!r}")
+    if method not in train.METHODS:
+        raise ValueError(f"method must be one of {sorted(train.METHODS)}, got {method!r}")
     torch.manual_seed(seed)
     model = gpt.load_pretrained(base)
     block = model.config.block_size
@@ -106,22 +133,11 @@ def run(
         )
     else:
         test_set = data.task_data(task, "test", scale.n_test, block)
-    model = PREPARE[method](model, **(options or {}))
+    model = train.METHODS[method](model, **(options or {}))
     trainable, total = lora.count_parameters(model)
-    config = train.TrainConfig(
-        steps=scale.steps,
-        batch_size=scale.batch_size,
-        lr=lr,
-        warmup_steps=max(1, scale.steps // 10),
-        weight_decay=0.0,
-        eval_interval=max(1, scale.steps // 4),
-        progress=False,
-    )
     start = time.perf_counter()
-    result = train.train(
-        model,
-        lambda step: train_set.batch(step, scale.batch_size, seed=seed),
-        config,
+    result = train_prepared(
+        model, train_set, scale, lr, seed,
         evaluate=lambda m: {"accuracy": data.exact_match(m, test_set)},
     )
     seconds = time.perf_counter() - start
@@ -250,7 +266,10 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
 
 
 def base_sha256(base: str = "tiny") -> str:
-    """SHA-256 of the shipped base's weights file, to tie result files to the base they used."""
+    """SHA-256 of the shipped base's weights file, to tie result files to the base they used.
+
+    Introduced in lesson 4, used again in lesson 5.
+    """
     weights, _ = gpt.pretrained_paths(base)
     return hashlib.sha256(weights.read_bytes()).hexdigest()
 
@@ -260,6 +279,8 @@ def summarize(rows: Iterable[dict], group: str | None = None) -> list[dict[str, 
 
     Returns one dict per setting, in first-seen order, with ``mean``, ``std`` (0 for one seed),
     ``n`` and the trainable count.
+
+    Introduced in lesson 4, used again in lesson 5.
     """
     settings: dict[str, dict] = {}
     for row in rows:
@@ -280,11 +301,14 @@ def summarize(rows: Iterable[dict], group: str | None = None) -> list[dict[str, 
     summary = []
     for entry in settings.values():
         accuracies = entry.pop("accuracies")
-        entry["mean"] = statistics.fmean(accuracies)
-        entry["std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        entry["n"] = len(accuracies)
-        summary.append(entry)
+        summary.append({**entry, **_mean_std(accuracies), "n": len(accuracies)})
     return summary
+
+
+def _mean_std(accuracies: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return {"mean": statistics.fmean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}
 
 
 def results_filename(name: str) -> str:
@@ -293,25 +317,15 @@ def results_filename(name: str) -> str:
 
 
 def write_results(results: dict, path: str | os.PathLike) -> Path:
-    """Write ``results`` as indented JSON atomically (temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(results, file, indent=1, sort_keys=True)
-            file.write("\n")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
+    """Write ``results`` as indented JSON, atomically."""
+    return atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 def load_results(name: str) -> dict:
-    """The committed full-scale results of experiment ``name`` (shipped with the package)."""
+    """The committed full-scale results of experiment ``name`` (shipped with the package).
+
+    Introduced in lesson 4, used again in lesson 5.
+    """
     experiment_name = name.removesuffix("_reverse")
     return course_files.load_shipped_results(
         results_filename(name),
@@ -360,6 +374,8 @@ def alpha_scaling(
     ``norms[rule][i]``: ‖ΔW‖_F after ``norm_steps`` Adam steps at ``norm_lr`` with rank
     ``ranks[i]``.  ``losses[rule][r][j]``: MSE after ``sweep_steps`` steps at ``lrs[j]``
     (rules ``alpha/r`` and ``none``).  At r = α = 8 all rules coincide.
+
+    Introduced in lesson 5.
     """
     task = linalg.planted_update_task(d_out=64, d_in=96, update_rank=4, n_samples=256, seed=0)
     norms = {
@@ -383,3 +399,101 @@ def alpha_scaling(
         "norms": norms,
         "losses": losses,
     }
+
+
+# --------------------------------------------------------------------------- QLoRA, table 3
+
+TABLE3_SETTINGS: tuple[tuple[str, str, dict], ...] = (
+    ("full fine-tuning (fp32)", "full", {}),
+    ("LoRA, fp32 base, all linear", "lora", {"r": 8, "alpha": 16, "targets": gpt.ALL_LINEAR}),
+    ("QLoRA int8, all linear", "qlora", {"quant_type": "int8"}),
+    ("QLoRA FP4, all linear", "qlora", {"quant_type": "fp4", "double_quant": False}),
+    ("QLoRA NF4 + DQ, all linear", "qlora", {"quant_type": "nf4"}),
+    ("LoRA, fp32 base, q and v", "lora", {"r": 8, "alpha": 16, "targets": ("q", "v")}),
+    ("QLoRA NF4 + DQ, q and v", "qlora", {"targets": ("q", "v")}),
+)
+"""The QLoRA paper's table 3 in miniature: (label, method, options); r = 8, α = 16."""
+
+TABLE3_LR = {"full": 1e-3, "lora": 4e-3, "qlora": 4e-3}
+"""Peak learning rates per method, the same for LoRA and QLoRA."""
+
+
+def table3_run(label: str, method: str, options: dict, task: str, seed: int, scale) -> dict:
+    """Fine-tune a fresh copy of the shipped tiny base once; return counts and test accuracy.
+
+    ``scale`` is a :class:`Scale`. The seed sets LoRA's initialisation and the batch
+    order; the quantized base is the same for every seed (quantization is deterministic).
+
+    Introduced in lesson 9.
+    """
+    torch.manual_seed(seed)
+    model = gpt.load_pretrained("tiny")
+    n_base = gpt.parameter_count(model.config)
+    dense_bytes = qlora.model_bytes(model)
+    block = model.config.block_size
+    train_set = data.task_data(task, "train", scale.n_train, block)
+    test_set = data.task_data(task, "test", scale.n_test, block)
+    model = train.METHODS[method](model, **options)
+    trainable, _ = lora.count_parameters(model)
+    run = train_prepared(model, train_set, scale, TABLE3_LR[method], seed)
+    return {
+        "label": label, "method": method, "options": {k: list(v) if isinstance(v, tuple) else v
+                                                      for k, v in options.items()},
+        "seed": seed, "trainable": trainable, "base_parameters": n_base,
+        "model_bytes_before": dense_bytes, "model_bytes_after": qlora.model_bytes(model),
+        "loss_first": run.losses[0], "loss_last": run.losses[-1],
+        "accuracy": data.exact_match(model, test_set),
+    }
+
+
+def table3_experiment(scale_name: str = "small", task: str = "reverse", log=None,
+                      settings: tuple[int, ...] | None = None) -> dict:
+    """``TABLE3_SETTINGS`` (all, or the entries numbered ``settings``) for every seed of
+    ``SCALES[scale_name]`` ("small": seconds, for CI; "full": 300 steps of 64
+    examples, three seeds)."""
+    if scale_name not in SCALES:
+        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale_name!r}")
+    scale = SCALES[scale_name]
+    chosen = range(len(TABLE3_SETTINGS)) if settings is None else settings
+    rows = []
+    for label, method, options in (TABLE3_SETTINGS[i] for i in chosen):
+        for seed in scale.seeds:
+            rows.append(table3_run(label, method, options, task, seed, scale))
+            if log is not None:
+                log(f"{label}, seed {seed}: accuracy {rows[-1]['accuracy']:.3f}")
+    return {"experiment": "qlora_table3", "task": task, "scale": scale_name,
+            "base_sha256": base_sha256(), "config": asdict(scale), "lr": TABLE3_LR,
+            "torch": torch.__version__, "runs": rows}
+
+
+def table3_summary(results: dict) -> list[dict]:
+    """Mean and sample standard deviation of accuracy over seeds, per setting, in table order.
+
+    Introduced in lesson 9.
+    """
+    summary = []
+    for label, method, _ in TABLE3_SETTINGS:
+        runs = [r for r in results["runs"] if r["label"] == label]
+        if not runs:
+            continue
+        accuracies = [r["accuracy"] for r in runs]
+        summary.append({
+            "label": label, "method": method, "trainable": runs[0]["trainable"],
+            "base_parameters": runs[0]["base_parameters"],
+            "model_bytes_after": runs[0]["model_bytes_after"], "n": len(runs),
+            **_mean_std(accuracies),
+        })
+    return summary
+
+
+def table3_results_filename(task: str = "reverse") -> str:
+    """``qlora_table3_<task>.json``: the file name of the full-scale results for ``task``."""
+    return f"qlora_table3_{task}.json"
+
+
+def table3_results_path(task: str = "reverse") -> Traversable:
+    """The committed full-scale results for ``task`` (package data: ``pedaPEFT/results/``).
+
+    Introduced in lesson 9.
+    """
+    return course_files.shipped_results(table3_results_filename(task))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pedaPEFT.files import atomic_write, atomic_write_text
 
 PRESETS: dict[str, dict[str, int]] = {
     # The course's workhorse: pretrains and fine-tunes on a 2-core CPU in about a minute.
@@ -46,6 +47,14 @@ PRESETS: dict[str, dict[str, int]] = {
     # GPT-2 small: 124M parameters with the output head tied to the token embedding.
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
 }
+
+
+ALL_LINEAR = ("q", "k", "v", "o", "fc", "proj")
+"""Names of every ``nn.Linear`` in a block: attention ``q, k, v, o``, MLP ``fc, proj``."""
+
+ADAPTER_TARGETS = ("o", "proj")
+"""Where Houlsby adapters go: after the attention output projection ``o`` and after the MLP
+output projection ``proj`` of every block."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,11 @@ class GPTConfig:
         return cls(**values)
 
 
-def count_parameters(config: GPTConfig) -> int:
-    """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied)."""
+def parameter_count(config: GPTConfig) -> int:
+    """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied).
+
+    Introduced in lesson 3, used again in lesson 9.
+    """
     V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
     n = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
     return n if config.tie_embeddings else n + V * d
@@ -186,6 +198,8 @@ class GPT(nn.Module):
 
     ``forward(idx)`` maps token ids of shape (B, T), T <= block_size, to logits (B, T, V).
     ``features(idx)`` returns the final normalised hidden states (B, T, d) the head reads.
+
+    Introduced in lesson 3, used again in lessons 4 and 5 and 10.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -269,6 +283,8 @@ def load_pretrained(preset: str = "tiny") -> GPT:
 
     Loads in well under a second, with no download; ``pretrained_info`` returns the recipe
     and the metrics measured when the file was made.
+
+    Introduced in lesson 3, used again in lessons 4 and 9.
     """
     from safetensors.torch import load_model
 
@@ -288,28 +304,28 @@ def save_pretrained(model: GPT, info: dict, directory: str | Path = PRETRAINED_D
     from safetensors.torch import save_model
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     weights, meta = directory / f"{name}.safetensors", directory / f"{name}.json"
     info = {**info, "model_config": model.config.to_dict()}
-    for path, write in (
-        (weights, lambda tmp: save_model(model, str(tmp))),
-        (meta, lambda tmp: tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            write(tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+    atomic_write(weights, lambda tmp: save_model(model, tmp))
+    atomic_write_text(meta, json.dumps(info, indent=1, sort_keys=True) + "\n")
     return weights, meta
 
 
 def pretrained_info(preset: str = "tiny") -> dict:
-    """Recipe and metrics recorded next to a shipped base."""
+    """Recipe and metrics recorded next to a shipped base.
+
+    Introduced in lesson 3, used again in lesson 9.
+    """
     _, meta = pretrained_paths(preset)
     if not meta.exists():
         raise ValueError(f"no shipped base for preset {preset!r}")
     return json.loads(meta.read_text())
 
+
+
+def linear_weights(preset: str = "tiny") -> list[torch.Tensor]:
+    """The weight matrices of every ``ALL_LINEAR`` layer of a shipped pretrained GPT (lesson 7,
+    "NF4 on real weights")."""
+    model = load_pretrained(preset)
+    return [module.weight.detach() for name, module in model.named_modules()
+            if name.split(".")[-1] in ALL_LINEAR]

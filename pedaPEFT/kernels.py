@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
 
-def dequantize_4bit_reference(
+def dequantize_4bit_torch(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     code: torch.Tensor,
@@ -44,18 +44,19 @@ def dequantize_4bit_reference(
 ) -> torch.Tensor:
     """The formula of the module docstring in plain PyTorch ops; returns a flat tensor of ``n``.
 
-    Each byte is decoded at once through a 256 x 2 table of its (high, low) code values, and
-    every block is scaled as one row of a (n_blocks, blocksize) view: few, large operations,
-    which is what a CPU wants.
+    ``quant.dequantize_4bit`` is the same formula written as lesson 7 derives it; this path is
+    the fast one. Each byte is decoded at once through a 256 x 2 table of its (high, low) code
+    values, and every block is scaled as one row of a (n_blocks, blocksize) view: few, large
+    operations, which is what a CPU wants.
     """
     n_blocks = absmax.numel()
     if nested_absmax is None:
-        scale = absmax.float()
+        scale = absmax.float()  # (n_blocks,)
     else:
-        outer = nested_absmax.repeat_interleave(dq_blocksize)[:n_blocks]
-        scale = nested_code[absmax.long()] * outer + offset
-    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)
-    values = pairs[packed.reshape(-1).long()].reshape(-1)
+        outer = nested_absmax.repeat_interleave(dq_blocksize)[:n_blocks]  # (n_blocks,)
+        scale = nested_code[absmax.long()] * outer + offset  # (n_blocks,)
+    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)  # (256, 2)
+    values = pairs[packed.reshape(-1).long()].reshape(-1)  # (2 * n_bytes,) code[nibble]
     padded = n_blocks * blocksize
     if values.numel() != padded:  # odd n or a partial last block
         values = torch.nn.functional.pad(values[:n], (0, padded - n))
@@ -128,7 +129,7 @@ def dequantize_4bit_triton(
     dq_blocksize: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The same function as ``dequantize_4bit_reference`` as one fused CUDA kernel launch."""
+    """The same function as ``dequantize_4bit_torch`` as one fused CUDA kernel launch."""
     if not triton_supports(blocksize):
         raise RuntimeError(
             f"dequantize_4bit_triton needs Triton and a power-of-two blocksize >= 8, "
@@ -187,7 +188,7 @@ def dequantize_4bit_eager(
     args = (packed, absmax, code, nested_absmax, nested_code, offset, n, blocksize, dq_blocksize)
     if packed.is_cuda and triton_supports(blocksize):
         return dequantize_4bit_triton(*args, out_dtype)
-    return dequantize_4bit_reference(*args, out_dtype)
+    return dequantize_4bit_torch(*args, out_dtype)
 
 
 @torch.library.custom_op("pedapeft::dequantize_4bit", mutates_args=())

@@ -147,6 +147,8 @@ def rref(A: Any, tol: float | None = None) -> tuple[np.ndarray, tuple[int, ...]]
     -------
     R : (m, n) float64 array, the reduced row echelon form.
     pivots : indices of the pivot columns, increasing; ``len(pivots)`` is the rank.
+
+    Introduced in lesson 1.
     """
     R, eps = _as_matrix(A)
     tol = _check_tol(tol)
@@ -187,6 +189,8 @@ def matrix_rank(A: Any, tol: float | None = None, method: str = "svd") -> int:
     to singularity, so near the tolerance the two methods can disagree.
 
     ``tol``, if given, is an absolute threshold on singular values or on pivots.
+
+    Introduced in lesson 1, used again in lessons 2 and 5.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
@@ -211,6 +215,8 @@ def rank_factorization(A: Any, tol: float | None = None) -> tuple[np.ndarray, np
 
     A zero matrix (rank 0) gives ``C`` of shape (m, 0) and ``F`` of shape (0, n).
     ``tol`` is passed to :func:`rref`.
+
+    Introduced in lesson 1.
     """
     array, _ = _as_matrix(A)
     R, pivots = rref(A, tol)
@@ -223,6 +229,8 @@ def truncated_svd(A: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Returns ``U_k`` (m × k, orthonormal columns), ``S_k`` (the ``k`` largest singular values,
     a 1-D array in decreasing order: Σ_k is diagonal, so only its diagonal is stored) and
     ``Vt_k`` (k × n, orthonormal rows). ``k`` must be an integer in ``[1, min(m, n)]``.
+
+    Introduced in lesson 2.
     """
     array, _ = _as_matrix(A)
     k = _check_rank(k, "k", min(array.shape))
@@ -237,6 +245,8 @@ def low_rank_approx(A: Any, k: int) -> np.ndarray:
     ``‖A − B‖_F`` is smallest for ``B = A_k``, and the error is
     ``‖A − A_k‖_F = sqrt(σ_{k+1}² + … + σ_p²)``, ``p = min(m, n)`` (in the spectral norm the
     error is ``σ_{k+1}``). ``k`` must be an integer in ``[1, min(m, n)]``.
+
+    Introduced in lesson 2.
     """
     U_k, S_k, Vt_k = truncated_svd(A, k)
     return (U_k * S_k) @ Vt_k
@@ -248,6 +258,8 @@ def factorized_param_count(m: int, n: int, r: int) -> int:
     ``C`` is ``m × r`` and ``F`` is ``r × n``: ``r(m + n)`` numbers, against ``m·n`` dense.
     For a square ``n × n`` matrix this is the ``n² → 2rn`` reduction LoRA exploits; it saves
     storage only while ``r < mn / (m + n)``. ``r`` must be an integer in ``[1, min(m, n)]``.
+
+    Introduced in lesson 1, used again in lesson 2.
     """
     m = _check_dimension(m, "m")
     n = _check_dimension(n, "n")
@@ -262,6 +274,8 @@ def svd_param_count(m: int, n: int, k: int) -> int:
     ``k`` diagonal entries: ``k(m + n) + k`` numbers (``k(m + n)`` if ``Σ_k`` is folded into
     ``U_k``). Counting ``Σ_k`` as a full ``k × k`` matrix (``k²``) over-counts.
     ``k`` must be an integer in ``[1, min(m, n)]``.
+
+    Introduced in lesson 2.
     """
     m = _check_dimension(m, "m")
     n = _check_dimension(n, "n")
@@ -298,6 +312,8 @@ def planted_update_task(
     ``W_before``'s. Inputs ``X`` are i.i.d. ``N(0, 1)``; targets are
     ``Y = X (W_before + update)ᵀ + noise · N(0, 1)``. Everything is drawn from
     ``np.random.default_rng(seed)`` in the order W_before, B, A, X, noise.
+
+    Introduced in lesson 2.
     """
     d_out = _check_dimension(d_out, "d_out")
     d_in = _check_dimension(d_in, "d_in")
@@ -336,6 +352,8 @@ def finetune_linear(
     ``W_t − W_before = Δ (I − (I − ηΣ)ᵗ) + η (EᵀX / N) Σ_{s<t} (I − ηΣ)ˢ``:
     the first term has rank ``<= rank(Δ)``, the second is fitted noise, small when ``N`` is
     large. Returns ``W_after`` (d_out × d_in).
+
+    Introduced in lesson 2.
     """
     W, _ = _as_matrix(W_before, "W_before")
     X, _ = _as_matrix(X, "X")

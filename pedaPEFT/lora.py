@@ -18,24 +18,15 @@ keys ``base_model.model.<path>.lora_A.weight`` and ``adapter_config.json``).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pedaPEFT.adapters import check_targets, find_targets, name_matches
-
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-KEY_PREFIX = "base_model.model."
+from pedaPEFT.targets import check_targets, find_targets
 
 
 def _check_rank(r: object) -> int:
@@ -74,6 +65,8 @@ class LoRAConfig:
 
     ``target_modules`` holds module names; a module is wrapped when its full dotted name equals
     a target or ends with ``"." + target`` (PEFT's rule for a list of targets).
+
+    Introduced in lesson 5, used again in lesson 9.
     """
 
     r: int = 8
@@ -103,6 +96,8 @@ class LoRALinear(nn.Module):
         lora_B: trainable (out, r), zeros.
         scaling: ``α / r`` (or ``α / √r`` with ``rslora``).
         merged: whether ``ΔW`` is currently added into ``base_layer.weight``.
+
+    Introduced in lesson 5.
     """
 
     def __init__(
@@ -148,8 +143,9 @@ class LoRALinear(nn.Module):
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """The low-rank branch ``s · B(A(dropout(x)))``, computed in the adapter's dtype."""
-        x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        x = x.to(self.lora_A.dtype)  # (..., in)
+        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        return F.linear(h, self.lora_B) * self.scaling  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -188,7 +184,10 @@ class LoRALinear(nn.Module):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every :class:`LoRALinear` in ``model``, by module name."""
+    """Every :class:`LoRALinear` in ``model``, by module name.
+
+    Introduced in lesson 5.
+    """
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -199,6 +198,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     have ``requires_grad`` (PEFT's ``bias="none"``).  Raises ``ValueError`` listing the model's
     Linear names when no module matches, and when a matching layer already has LoRA.
     Returns the wrapped module names in ``model.named_modules()`` order.
+
+    Introduced in lesson 5.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -217,12 +218,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             )
     wrapped = []
     for name, module in matches:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(
-            parent,
-            child,
-            LoRALinear(module, config.r, config.alpha, config.dropout, config.rslora),
+        model.set_submodule(
+            name, LoRALinear(module, config.r, config.alpha, config.dropout, config.rslora)
         )
         wrapped.append(name)
     for param_name, param in model.named_parameters():
@@ -244,7 +241,10 @@ def prepare_lora(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts, summed over ``model.parameters()`` (PEFT's rule)."""
+    """``(trainable, total)`` parameter counts, summed over ``model.parameters()`` (PEFT's rule).
+
+    Introduced in lesson 4, used again in lessons 5 and 9.
+    """
     trainable = total = 0
     for param in model.parameters():
         total += param.numel()
@@ -265,7 +265,10 @@ def trainable_parameters_line(model: nn.Module) -> str:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Print :func:`trainable_parameters_line` exactly as PEFT's ``print_trainable_parameters``."""
+    """Print :func:`trainable_parameters_line` exactly as PEFT's ``print_trainable_parameters``.
+
+    Introduced in lesson 5.
+    """
     print(trainable_parameters_line(model))
 
 
@@ -274,6 +277,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The result has exactly the base model's architecture and parameter count; its outputs equal
     the LoRA model's up to float rounding.  Works in place and returns ``model``.
+
+    Introduced in lesson 5.
     """
     layers = lora_layers(model)
     if not layers:
@@ -281,177 +286,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in layers.items():
         if not layer.merged:
             layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+        model.set_submodule(name, layer.base_layer)
     return model
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then ``os.replace`` it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors under PEFT's saved names ``base_model.model.<path>.lora_{A,B}.weight``."""
-    state = {}
-    for name, layer in lora_layers(model).items():
-        state[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        state[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
-    return state
-
-
-def adapter_config_dict(model: nn.Module) -> dict[str, object]:
-    """``adapter_config.json`` in PEFT's field names, read back from the model's LoRA layers.
-
-    The most common ``r`` and ``alpha`` become ``r``/``lora_alpha``; layers that differ go in
-    ``rank_pattern``/``alpha_pattern`` under their full name, as PEFT does.
-    """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRALinear layers (call apply_lora first)")
-    ranks = [layer.r for layer in layers.values()]
-    alphas = [layer.alpha for layer in layers.values()]
-    r = max(set(ranks), key=ranks.count)
-    alpha = max(set(alphas), key=alphas.count)
-    dropouts = {layer.dropout_p for layer in layers.values()}
-    rslora = {layer.rslora for layer in layers.values()}
-    if len(dropouts) > 1 or len(rslora) > 1:
-        raise ValueError("all LoRA layers must share dropout and rslora to be saved in one config")
-    return {
-        "alpha_pattern": {n: layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
-        "base_model_name_or_path": None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "lora_alpha": alpha,
-        "lora_dropout": dropouts.pop(),
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r},
-        "target_modules": sorted(layers),
-        "task_type": None,
-        "use_dora": False,
-        "use_rslora": rslora.pop(),
-    }
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` atomically.
-
-    Only the LoRA tensors are saved (``r·(in+out)`` numbers per layer), under PEFT's key names,
-    so PEFT's ``PeftModel.from_pretrained`` can load them into the same base model.
-    ``target_modules`` lists the full module names, which match exactly under PEFT's rule.
-    """
-    directory = Path(path)
-    config = adapter_config_dict(model)
-    state = adapter_state_dict(model)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        directory / ADAPTER_WEIGHTS_NAME,
-        lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
-    )
-    text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(directory / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-
-
-def _config_from_json(config: dict[str, object], path: Path) -> tuple[LoRAConfig, dict, dict]:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"path: {path} holds a {config.get('peft_type')} adapter, not LORA")
-    unsupported = {
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "bias": "none",
-    }
-    for key, allowed in unsupported.items():
-        if config.get(key, allowed) != allowed:
-            raise ValueError(f"path: {key}={config[key]!r} is not supported (only {allowed!r})")
-    targets = config.get("target_modules")
-    if isinstance(targets, str) or not targets:
-        raise ValueError(f"path: target_modules must be a list of names in {path}, got {targets!r}")
-    lora_config = LoRAConfig(
-        r=config["r"],
-        alpha=config["lora_alpha"],
-        dropout=config.get("lora_dropout", 0.0),
-        target_modules=tuple(targets),
-        rslora=bool(config.get("use_rslora", False)),
-    )
-    return lora_config, config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-
-
-def _pattern_value(name: str, pattern: dict, default: object) -> object:
-    """PEFT's pattern lookup: a key matches a module if it equals or dotted-suffixes its name."""
-    for key, value in pattern.items():
-        if name_matches(name, (key,)):
-            return value
-    return default
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load an adapter saved by :func:`save_adapter` (or by PEFT) into ``model``, in place.
-
-    A model without LoRA layers gets them first, built from ``adapter_config.json`` (targets,
-    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``rank_pattern``,
-    ``alpha_pattern``).  The tensors must match the LoRA layers exactly: missing keys, extra keys
-    and wrong shapes raise ``ValueError`` naming them.  Returns the LoRA module names.
-    """
-    directory = Path(path)
-    weights_file = directory / ADAPTER_WEIGHTS_NAME
-    config_file = directory / ADAPTER_CONFIG_NAME
-    for needed in (weights_file, config_file):
-        if not needed.is_file():
-            raise ValueError(f"path: {directory} has no {needed.name}")
-    if not lora_layers(model):
-        config, rank_pattern, alpha_pattern = _config_from_json(
-            json.loads(config_file.read_text()), directory
-        )
-        apply_lora(model, config)
-        for name, layer in lora_layers(model).items():
-            r = _pattern_value(name, rank_pattern, config.r)
-            alpha = _pattern_value(name, alpha_pattern, config.alpha)
-            if (r, alpha) != (config.r, config.alpha):
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(
-                    parent,
-                    child,
-                    LoRALinear(layer.base_layer, r, alpha, config.dropout, config.rslora),
-                )
-    layers = lora_layers(model)
-    if any(layer.merged for layer in layers.values()):
-        raise ValueError("model: cannot load an adapter into merged LoRA layers (unmerge first)")
-    loaded = load_file(str(weights_file))
-    expected = {}
-    for name, layer in layers.items():
-        expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
-    missing = sorted(set(expected) - set(loaded))
-    extra = sorted(set(loaded) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"path: adapter keys do not match the model; missing keys: {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {extra[:8]}"
-            f"{' ...' if len(extra) > 8 else ''}"
-        )
-    wrong = [
-        f"{key}: file {tuple(loaded[key].shape)} vs model {tuple(param.shape)}"
-        for key, param in expected.items()
-        if loaded[key].shape != param.shape
-    ]
-    if wrong:
-        raise ValueError("path: adapter tensors have the wrong shape: " + "; ".join(wrong))
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(loaded[key].to(device=param.device, dtype=param.dtype))
-    return list(layers)

@@ -84,7 +84,10 @@ class MemoryBreakdown:
 
 
 def optimizer_state_bytes(optimizer: str, precision: str = "fp32") -> float:
-    """Bytes of optimizer state per trainable parameter (without a master copy)."""
+    """Bytes of optimizer state per trainable parameter (without a master copy).
+
+    Introduced in lesson 9.
+    """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     _check_precision(precision)
@@ -122,6 +125,8 @@ def finetune_memory(
     untied head) keeps the precision's weight size.
     ``n_tensors`` is the number of trainable tensors (each costs a 4-byte step counter in
     PyTorch's AdamW); ``activations`` is passed through (see ``gpt_activation_bytes``).
+
+    Introduced in lesson 3, used again in lesson 9.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -160,7 +165,10 @@ def finetune_memory(
 
 
 def bytes_per_parameter(**kwargs: object) -> dict[str, float]:
-    """``finetune_memory`` of one parameter, component by component (full fine-tuning)."""
+    """``finetune_memory`` of one parameter, component by component (full fine-tuning).
+
+    Introduced in lesson 3.
+    """
     return finetune_memory(1, "full", **kwargs).as_dict()
 
 
@@ -219,10 +227,10 @@ def gpt_step_peak_bytes(config, batch_size: int, seq_len: int | None = None,
     gradients but few activations.) Precision ``"fp32"`` or ``"amp"``: float32 weights and
     AdamW states either way.
     """
-    from pedaPEFT.gpt import count_parameters
+    from pedaPEFT.gpt import parameter_count
 
     T = config.block_size if seq_len is None else seq_len
-    n_params = count_parameters(config)
+    n_params = parameter_count(config)
     # Parameter tensors: wte, wpe, (lm_head if untied), 16 per block (6 Linear weights and
     # biases, 2 LayerNorms with two each), the final LayerNorm's two.
     n_tensors = 2 + (0 if config.tie_embeddings else 1) + 16 * config.n_layer + 2
@@ -275,7 +283,10 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def measured_static_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> MemoryBreakdown:
-    """Real bytes of a model's weights, its gradients and the optimizer's state tensors."""
+    """Real bytes of a model's weights, its gradients and the optimizer's state tensors.
+
+    Introduced in lesson 3.
+    """
     params = list(model.parameters())
     states = [v for state in optimizer.state.values() for v in state.values()
               if isinstance(v, torch.Tensor)]
@@ -296,6 +307,8 @@ def llama_parameter_count(vocab: int, d: int, n_layer: int, n_head: int, n_kv_he
     Per layer: q and o are d x d, k and v are d x (d n_kv_head / n_head), the SwiGLU MLP has
     three d x ffn matrices, two RMSNorm gains of d. Plus the embedding (V d), a final norm
     (d) and, unless tied, the output head (V d).
+
+    Introduced in lesson 3, used again in lesson 9.
     """
     kv = d * n_kv_head // n_head
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d

@@ -10,9 +10,7 @@ drift between the three without executing anything.
 
 import ast
 import copy
-import os
 import re
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import nbformat
 from nbclient import NotebookClient
 
 import pedaPEFT
+from pedaPEFT.files import atomic_write_text
 
 LESSONS_DIR = Path(__file__).resolve().parent.parent / "lessons"
 STUDENT_DIR_NAME = "student"
@@ -250,19 +249,9 @@ def stderr_cells(notebook: nbformat.NotebookNode) -> list[int]:
 
 
 def write_notebook(notebook: nbformat.NotebookNode, path: Path) -> None:
-    """Validate and write a notebook atomically (temporary file, then rename)."""
+    """Validate and write a notebook atomically."""
     nbformat.validate(notebook)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".ipynb", dir=path.parent)
-    os.chmod(temporary, 0o644)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(nbformat.writes(notebook) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_write_text(path, nbformat.writes(notebook) + "\n")
 
 
 def build(source: Path) -> tuple[Path, Path]:

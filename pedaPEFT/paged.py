@@ -1,14 +1,8 @@
 """A paged AdamW: optimizer states that live in host memory and visit the device in pages.
 
-AdamW (Loshchilov & Hutter) keeps two running moments per parameter and updates, at step t,
-
-    θ ← θ · (1 − lr·λ)                                  decoupled weight decay
-    m ← β₁ m + (1 − β₁) g                               first moment (exp_avg)
-    v ← β₂ v + (1 − β₂) g²                              second moment (exp_avg_sq)
-    θ ← θ − lr / (1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)   bias-corrected step
-
-Every operation is elementwise, so the update of a slice of θ needs only the same slice of g,
-m and v. That is what makes paging possible: m and v (8 bytes per fp32 parameter, twice the
+AdamW keeps two running moments per parameter (``pedaPEFT.adamw`` states the update). Every
+operation of the update is elementwise, so the update of a slice of θ needs only the same slice
+of g, m and v. That is what makes paging possible: m and v (8 bytes per fp32 parameter, twice the
 weights themselves) need not sit on the device all the time; it is enough that each slice is
 there while it is updated.
 
@@ -36,10 +30,7 @@ so the paging logic itself can be tested and taught on a laptop.
 The update equals ``torch.optim.AdamW(amsgrad=False)`` (the tests compare them bit for bit on
 CPU); ``state_dict`` has torch's layout plus an ``"optimizer"`` tag, and round-trips exactly.
 
-What paging buys is shown on a simulated device as well: :func:`activation_bytes` measures
-what a forward pass saves for backward, :func:`train_on_simulated_device` checks each step's
-footprint (weights + gradients + activations + device states) against a capacity and lowers a
-``PagedAdamW``'s budget for large batches, and :func:`spike_demo` is lesson 10's experiment.
+What paging buys is shown on a simulated device in ``pedaPEFT.simulated_device`` (lesson 10).
 """
 
 from __future__ import annotations
@@ -51,6 +42,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pedaPEFT.adamw import adamw_update, state_bytes
+
+__all__ = ["PagedAdamW", "PagingStats", "adamw_update", "state_bytes"]
+
 OPTIMIZER_TAG = "pedaPEFT.paged.PagedAdamW"
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 # 8 MiB per moment: over PCIe (tens of GB/s) copying a page takes longer than launching its
@@ -58,44 +53,6 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 DEFAULT_PAGE_BYTES = 8 * 1024 * 1024
 STAGING_PAGES = 4  # two slots (double buffering) × two moments
 PAGE_ALIGN = 8  # bytes; a page holds a whole number of elements of every float dtype
-
-
-def adamw_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[float],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One AdamW update, in place, on lists of same-device tensors (the module docstring's math).
-
-    ``steps[i]`` is the step number t of tensor i after this step (1 on the first step). The
-    operations and their order are those of ``torch.optim.AdamW``, so results agree bit for bit.
-    """
-    if not params:
-        return
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    step_sizes = [-(lr / (1 - beta1**t)) for t in steps]
-    bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denominators, bias_correction2_sqrt)
-    torch._foreach_add_(denominators, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
-
-
-def state_bytes(param: Tensor) -> int:
-    """Bytes of AdamW state for ``param``: two moments of its shape and dtype."""
-    return 2 * param.numel() * param.element_size()
 
 
 @dataclass
@@ -149,6 +106,8 @@ class PagedAdamW(torch.optim.Optimizer):
         page_bytes: bytes per moment in one page (a multiple of 8); default
             ``min(8 MiB, budget_bytes // 32)``, so the four page buffers use at most an eighth
             of the budget.
+
+    Introduced in lesson 10.
     """
 
     def __init__(
@@ -531,192 +490,3 @@ class PagedAdamW(torch.optim.Optimizer):
                 state["exp_avg"].copy_(values["exp_avg"])
                 state["exp_avg_sq"].copy_(values["exp_avg_sq"])
                 self.state[param] = state
-
-
-# --------------------------------------------------------------------- a simulated device
-
-
-class DeviceOutOfMemoryError(RuntimeError):
-    """A training step needs more memory than the simulated device has.
-
-    ``records`` holds the footprints of the steps that ran, then the one that did not fit.
-    """
-
-    def __init__(self, message: str, records: list[StepFootprint]) -> None:
-        super().__init__(message)
-        self.records = records
-
-
-def activation_bytes(model: torch.nn.Module, *inputs: Tensor) -> int:
-    """Bytes of the tensors a forward pass saves for backward (activations), parameters excluded.
-
-    Counted with ``torch.autograd.graph.saved_tensors_hooks`` on one forward pass with
-    gradients on; each storage is counted once, however many tensors view it.
-    """
-    parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(*inputs)
-    return sum(saved.values())
-
-
-@dataclass(frozen=True)
-class StepFootprint:
-    """Device memory one training step needs (bytes): what is alive at once during the step."""
-
-    step: int
-    batch_size: int
-    weights: int
-    grads: int
-    activations: int
-    optimizer: int  # optimizer states (and page buffers) on the device
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.grads + self.activations + self.optimizer
-
-
-def train_on_simulated_device(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    loss_fn,  # noqa: ANN001 (a callable (model, x, y) -> scalar loss)
-    capacity_bytes: int,
-) -> list[StepFootprint]:
-    """Train on ``batches`` as if the device held only ``capacity_bytes``; one record per step.
-
-    A step needs weights + gradients + the batch's activations + the optimizer's device states.
-    With :class:`PagedAdamW` the optimizer's budget is set, before each step, to what the step
-    leaves free (so states are evicted for a large batch and come back after it); any other
-    optimizer keeps all its states on the device. A step that does not fit raises
-    :class:`DeviceOutOfMemoryError`, as a real device would fail its allocation.
-    """
-    _check_positive_int(capacity_bytes, "capacity_bytes")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in params)
-    activations_by_shape: dict[tuple, int] = {}
-    records = []
-    for step, (x, y) in enumerate(batches):
-        shape = tuple(x.shape)
-        if shape not in activations_by_shape:
-            activations_by_shape[shape] = activation_bytes(model, x)
-        activations = activations_by_shape[shape]
-        free = capacity_bytes - weights - grads - activations
-        if isinstance(optimizer, PagedAdamW):
-            try:
-                optimizer.set_budget(max(free, 1))
-            except ValueError as error:
-                raise DeviceOutOfMemoryError(
-                    f"step {step}: only {free} bytes left for the optimizer, too few to page",
-                    records,
-                ) from error
-            on_device = optimizer.stats.device_bytes
-        else:
-            on_device = sum(state_bytes(p) for p in params)
-        record = StepFootprint(step, shape[0], weights, grads, activations, on_device)
-        if record.total > capacity_bytes:
-            raise DeviceOutOfMemoryError(
-                f"step {step} (batch {shape[0]}) needs {record.total:,} bytes, "
-                f"the device holds {capacity_bytes:,}",
-                [*records, record],
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, x, y).backward()
-        optimizer.step()
-        records.append(record)
-    return records
-
-
-@dataclass
-class SpikeDemo:
-    """Full fine-tuning of a small GPT on a device that a larger batch overfills.
-
-    ``plain`` holds torch AdamW's footprints up to the step that did not fit; ``paged`` the
-    PagedAdamW run through every step; ``max_abs_difference`` compares the paged run's weights
-    with the same training on an unlimited device.
-    """
-
-    capacity_bytes: int
-    batch_sizes: list[int]
-    plain: list[StepFootprint]
-    plain_error: str
-    paged: list[StepFootprint]
-    stats: PagingStats
-    losses: list[float]
-    max_abs_difference: float
-
-
-def spike_demo(preset: str = "tiny", normal_batch: int = 8, spike_batch: int = 12,
-               seed: int = 0) -> SpikeDemo:
-    """Run the lesson's experiment: 14 steps, steps 6 and 7 use ``spike_batch`` sequences.
-
-    The device holds weights, gradients, every AdamW state and the activations of a normal
-    batch plus a quarter: ``capacity = 2·W + S + 1.25·A(normal)``, W the weight bytes, S the
-    state bytes (2·W for fp32). A spike batch needs more than that unless states leave.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread, rather than waiting on busy cores
-    try:
-        return _spike_demo(preset, normal_batch, spike_batch, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _spike_demo(preset: str, normal_batch: int, spike_batch: int, seed: int) -> SpikeDemo:
-    import copy
-
-    import torch.nn.functional as F
-
-    from pedaPEFT import data, gpt
-
-    config = gpt.GPTConfig.preset(preset)
-    torch.manual_seed(seed)
-    base = gpt.GPT(config)
-    sizes = [normal_batch] * 6 + [spike_batch] * 2 + [normal_batch] * 6
-    batches = [data.pretrain_batch(step, size, block_size=config.block_size, seed=seed)
-               for step, size in enumerate(sizes)]
-    losses: list[float] = []
-
-    def loss_fn(model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(),
-                               ignore_index=data.IGNORE_INDEX)
-        losses.append(loss.item())
-        return loss
-
-    weights = sum(p.numel() * p.element_size() for p in base.parameters())
-    states = sum(state_bytes(p) for p in base.parameters())
-    capacity = 2 * weights + states + activation_bytes(base, batches[0][0]) * 5 // 4
-
-    plain_model = copy.deepcopy(base)
-    try:
-        train_on_simulated_device(plain_model, torch.optim.AdamW(plain_model.parameters()),
-                                  batches, loss_fn, capacity)
-        raise AssertionError("the spike was meant not to fit without paging")
-    except DeviceOutOfMemoryError as error:
-        plain, plain_error = error.records, str(error)
-
-    losses.clear()
-    paged_model = copy.deepcopy(base)
-    optimizer = PagedAdamW(paged_model.parameters(), budget_bytes=capacity)
-    paged = train_on_simulated_device(paged_model, optimizer, batches, loss_fn, capacity)
-    paged_losses = list(losses)
-
-    free_model = copy.deepcopy(base)
-    free = torch.optim.AdamW(free_model.parameters())
-    for x, y in batches:
-        free.zero_grad(set_to_none=True)
-        loss_fn(free_model, x, y).backward()
-        free.step()
-    difference = max((p - q).abs().max().item()
-                     for p, q in zip(paged_model.parameters(), free_model.parameters(),
-                                     strict=True))
-    return SpikeDemo(capacity, sizes, plain, plain_error, paged, optimizer.stats, paged_losses,
-                     difference)

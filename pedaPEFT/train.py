@@ -17,8 +17,9 @@ lr_min = min_lr_ratio lr over the remaining steps.
 
 Fine-tuning methods. A method is a function ``prepare(model, **options) -> model`` that
 freezes, unfreezes or wraps modules in place; ``finetune`` prepares, trains whatever is left
-trainable and scores exact-match accuracy. ``register_method`` adds methods (adapters,
-LoRA, QLoRA) without touching this file.
+trainable and scores exact-match accuracy. ``METHODS`` lists every method of the course
+(full, top, feature, adapter, lora, qlora), complete on import; ``register_method`` adds one
+of your own.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.std import tqdm  # text bars: tqdm.auto warns on stderr in a kernel without ipywidgets
 
-from pedaPEFT import data
+from pedaPEFT import adapters, data, lora, qlora
+from pedaPEFT.files import atomic_write
 from pedaPEFT.gpt import GPT, GPTConfig, untie_head
-from pedaPEFT.lora import count_parameters
 
 CHECKPOINT_FORMAT = "pedaPEFT-train-checkpoint-v1"
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -48,7 +49,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``batch_size`` is the global batch, split over processes."""
+    """Optimisation settings. ``batch_size`` is the global batch, split over processes.
+
+    Introduced in lesson 3.
+    """
 
     steps: int = 500
     batch_size: int = 64
@@ -108,6 +112,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
     Matrices (embeddings and Linear weights, ``dim >= 2``) get weight decay; biases and
     LayerNorm gains do not, since shrinking them towards zero has no regularising meaning.
+
+    Introduced in lesson 3.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -152,16 +158,6 @@ def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -184,7 +180,7 @@ def save_checkpoint(
     }
     if isinstance(model, GPT):
         state["model_config"] = model.config.to_dict()
-    _atomic_torch_save(state, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -317,6 +313,8 @@ def prepare_top(model: GPT, n_blocks: int = 1) -> GPT:
 
     The head gets its own copy of the embedding first, so the frozen bottom of the network
     (which reads the embedding) is not changed through the tie.
+
+    Introduced in lesson 3.
     """
     if not 1 <= n_blocks <= len(model.blocks):
         raise ValueError(f"n_blocks must be in [1, {len(model.blocks)}], got {n_blocks}")
@@ -339,7 +337,13 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
     "full": prepare_full,
     "top": prepare_top,
     "feature": prepare_feature,
+    "adapter": adapters.prepare_adapters,
+    "lora": lora.prepare_lora,
+    "qlora": qlora.prepare_qlora,
 }
+"""Every fine-tuning method ``finetune`` knows (lessons 3, 4, 5, 9): name -> ``prepare(model,
+**options)``, which freezes what the method keeps fixed, adds its new layers and returns the
+model."""
 
 
 def register_method(name: str, prepare: Callable[..., nn.Module]) -> None:
@@ -387,6 +391,8 @@ def finetune(
 
     The model is prepared in place (``METHODS[method](model, **method_options)``), trained on
     ``n_train`` examples, and scored by exact match on ``data.TEST_SIZE`` unseen examples.
+
+    Introduced in lesson 3.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -398,7 +404,7 @@ def finetune(
     base_ids = {id(p) for p in model.parameters()}
     base_total = sum(p.numel() for p in model.parameters())
     model = METHODS[method](model, **(method_options or {}))
-    trainable, _ = count_parameters(model)
+    trainable, _ = lora.count_parameters(model)
     # The base's parameters count even when a method stores them as quantized buffers.
     total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
     run = train(

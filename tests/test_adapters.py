@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pedaPEFT import adapters
+from pedaPEFT import adapters, targets
 
 
 class Block(nn.Module):
@@ -102,10 +102,10 @@ def test_add_adapters_errors():
 
 
 def test_name_matches_is_exact_or_dotted_suffix():
-    assert adapters.name_matches("h.0.attn.q", ["q"])
-    assert adapters.name_matches("q", ["q"])
-    assert adapters.name_matches("h.0.attn.q", ["attn.q"])
-    assert not adapters.name_matches("h.0.attn.kq", ["q"])
+    assert targets.name_matches("h.0.attn.q", ["q"])
+    assert targets.name_matches("q", ["q"])
+    assert targets.name_matches("h.0.attn.q", ["attn.q"])
+    assert not targets.name_matches("h.0.attn.kq", ["q"])
 
 
 @settings(max_examples=20, deadline=None)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import pedaPEFT
-from pedaPEFT import course_files, experiments, notebooks, qlora
+from pedaPEFT import course_files, experiments, notebooks
 from pedaPEFT.__main__ import main
 from pedaPEFT.course import check_version
 
@@ -72,7 +72,7 @@ def test_every_committed_result_file_is_package_data():
     for name in ("adapters", "adapters_reverse", "tables", "tables_reverse"):
         assert experiments.load_results(name)["runs"]
     for task in ("reverse", "shift"):
-        path = qlora.table3_results_path(task)
+        path = experiments.table3_results_path(task)
         assert path.is_file()
         assert Path(str(path)).is_relative_to(Path(str(resources.files("pedaPEFT"))))
 

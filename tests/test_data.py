@@ -114,25 +114,3 @@ def test_unknown_task_and_split():
         data.task_data("reverse", "validation", 4)
     with pytest.raises(ValueError, match="n must be >= 1"):
         data.task_data("reverse", "train", 0)
-
-
-def test_load_text(tmp_path):
-    path = tmp_path / "poem.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog\n" * 5, encoding="utf-8")
-    corpus = data.load_text(path)
-    assert corpus.vocab_size == len(set(path.read_text()))
-    assert corpus.decode(corpus.encode("lazy fox")) == "lazy fox"
-    x, y = corpus.batch(step=0, batch_size=4, block_size=10)
-    assert x.shape == y.shape == (4, 10)
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    with pytest.raises(ValueError, match="block_size must be <"):
-        corpus.batch(step=0, batch_size=4, block_size=500)
-
-
-def test_load_text_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="path must name an existing text file"):
-        data.load_text(tmp_path / "missing.txt")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="holds 0 characters"):
-        data.load_text(empty)

@@ -23,12 +23,12 @@ def test_analytic_count_equals_real_count(preset, tied):
     with torch.device("meta"):
         model = GPT(config)
     real = sum(p.numel() for p in model.parameters())  # a tied weight is yielded once
-    assert gpt.count_parameters(config) == real
+    assert gpt.parameter_count(config) == real
 
 
 def test_gpt2_preset_has_gpt2_small_published_size():
     # GPT-2 small as released (tied head, vocabulary 50257): 124,439,808 parameters.
-    assert gpt.count_parameters(GPTConfig.preset("gpt2")) == 124_439_808
+    assert gpt.parameter_count(GPTConfig.preset("gpt2")) == 124_439_808
 
 
 def test_projection_names_and_shapes():

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pedaPEFT import lora
+from pedaPEFT import lora, serialization
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -231,14 +231,14 @@ def test_save_load_roundtrip(tmp_path):
     model = mlp()
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("fc", "out")))
     randomize_b(model)
-    lora.save_adapter(model, tmp_path / "adapter")
+    serialization.save_lora_adapter(model, tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
     assert config["target_modules"] == ["fc", "out"]
     fresh = mlp()
-    assert lora.load_adapter(fresh, tmp_path / "adapter") == ["fc", "out"]
+    assert serialization.load_lora_adapter(fresh, tmp_path / "adapter") == ["fc", "out"]
     x = torch.randn(4, 12)
     torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
     assert lora.count_parameters(fresh) == lora.count_parameters(model)
@@ -249,9 +249,9 @@ def test_save_load_keeps_per_layer_ranks(tmp_path):
     lora.apply_lora(model, lora.LoRAConfig(r=2, alpha=4, target_modules=("fc",)))
     lora.apply_lora(model, lora.LoRAConfig(r=5, alpha=3, target_modules=("out",)))
     randomize_b(model)
-    lora.save_adapter(model, tmp_path)
+    serialization.save_lora_adapter(model, tmp_path)
     fresh = mlp()
-    lora.load_adapter(fresh, tmp_path)
+    serialization.load_lora_adapter(fresh, tmp_path)
     assert (fresh.fc.r, fresh.out.r) == (model.fc.r, model.out.r)
     assert fresh.out.scaling == model.out.scaling
     x = torch.randn(4, 12)
@@ -261,11 +261,11 @@ def test_save_load_keeps_per_layer_ranks(tmp_path):
 def test_load_rejects_missing_extra_and_misshapen(tmp_path):
     model = mlp()
     lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules=("fc", "out")))
-    lora.save_adapter(model, tmp_path)
+    serialization.save_lora_adapter(model, tmp_path)
     only_fc = mlp()
     lora.apply_lora(only_fc, lora.LoRAConfig(r=2, target_modules=("fc",)))
     with pytest.raises(ValueError, match="unexpected keys: .*out.lora_A"):
-        lora.load_adapter(only_fc, tmp_path)
+        serialization.load_lora_adapter(only_fc, tmp_path)
     more = nn.Sequential()
     more.add_module("fc", nn.Linear(12, 20))
     more.add_module("act", nn.GELU())
@@ -273,29 +273,29 @@ def test_load_rejects_missing_extra_and_misshapen(tmp_path):
     more.add_module("extra", nn.Linear(6, 6))
     lora.apply_lora(more, lora.LoRAConfig(r=2, target_modules=("fc", "out", "extra")))
     with pytest.raises(ValueError, match="missing keys: .*extra.lora_A"):
-        lora.load_adapter(more, tmp_path)
+        serialization.load_lora_adapter(more, tmp_path)
     wider = mlp()
     lora.apply_lora(wider, lora.LoRAConfig(r=4, target_modules=("fc", "out")))
     with pytest.raises(ValueError, match="wrong shape"):
-        lora.load_adapter(wider, tmp_path)
+        serialization.load_lora_adapter(wider, tmp_path)
     with pytest.raises(ValueError, match="no adapter_model.safetensors"):
-        lora.load_adapter(mlp(), tmp_path / "nowhere")
+        serialization.load_lora_adapter(mlp(), tmp_path / "nowhere")
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     model = mlp()
     lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules=("fc",)))
-    lora.save_adapter(model, tmp_path)
+    serialization.save_lora_adapter(model, tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
 
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora, "save_file", failing_save)
+    monkeypatch.setattr(serialization, "save_file", failing_save)
     with torch.no_grad():
         model.fc.lora_B.fill_(1.0)
     with pytest.raises(OSError, match="disk full"):
-        lora.save_adapter(model, tmp_path)
+        serialization.save_lora_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "adapter_config.json",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pedaPEFT import lora
+from pedaPEFT import lora, serialization
 
 peft = pytest.importorskip("peft")
 
@@ -179,7 +179,7 @@ def test_peft_loads_our_adapter(tmp_path):
     with torch.no_grad():
         for layer in lora.lora_layers(ours).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
-    lora.save_adapter(ours, tmp_path)
+    serialization.save_lora_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     x = torch.randn(8, 12)
     assert max_diff(ours.eval()(x), theirs.eval()(x)) <= 1e-6
@@ -195,7 +195,7 @@ def test_peft_loads_our_gpt_adapter(tmp_path):
     with torch.no_grad():
         for layer in lora.lora_layers(ours).values():
             layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=generator))
-    lora.save_adapter(ours, tmp_path)
+    serialization.save_lora_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     idx = torch.randint(0, base.config.vocab_size, (2, base.config.block_size))
     assert max_diff(ours.eval()(idx), theirs.eval()(idx)) <= 1e-6
@@ -214,7 +214,7 @@ def test_we_load_peft_adapter(tmp_path):
             weight.copy_(torch.randn(weight.shape, generator=generator))
     theirs.save_pretrained(str(tmp_path))
     ours = copy.deepcopy(base)
-    assert lora.load_adapter(ours, tmp_path) == ["hidden", "out"]
+    assert serialization.load_lora_adapter(ours, tmp_path) == ["hidden", "out"]
     x = torch.randn(8, 12)
     assert max_diff(ours.eval()(x), theirs.eval()(x)) <= 1e-6
     assert lora.count_parameters(ours) == theirs.get_nb_trainable_parameters()

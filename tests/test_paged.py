@@ -9,12 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pedaPEFT.paged import (
+from pedaPEFT.paged import PagedAdamW, adamw_update, state_bytes
+from pedaPEFT.simulated_device import (
     DeviceOutOfMemoryError,
-    PagedAdamW,
     activation_bytes,
-    adamw_update,
-    state_bytes,
     train_on_simulated_device,
 )
 

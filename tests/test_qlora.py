@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pedaPEFT import gpt, kernels, lora, qlora, quant
+from pedaPEFT import demo, experiments, gpt, kernels, lora, qlora, quant, quant_linear
+from pedaPEFT import serialization as files_io
 
 ALL_LINEAR = ("q", "k", "v", "o", "fc", "proj")
 TINY = gpt.GPTConfig.preset("tiny")
@@ -65,7 +66,7 @@ def test_dequantize_op_equals_quant_module(n_blocks, quant_type, double_quant, b
 def test_dequantize_reference_handles_odd_length_and_partial_block():
     w = torch.randn(1001) * 0.1
     state = quant.quantize_4bit(w, quant_type="nf4", double_quant=True)
-    ours = kernels.dequantize_4bit_reference(
+    ours = kernels.dequantize_4bit_torch(
         state.packed, state.absmax, state.code, state.nested_absmax, state.nested_code,
         state.offset, w.numel(), 64, 256, torch.float32,
     )
@@ -244,8 +245,8 @@ def test_bad_shapes_and_dtypes_are_refused():
 
 
 def test_compute_dtype_default_is_float32_on_cpu():
-    assert qlora.resolve_compute_dtype(None, "cpu") == torch.float32
-    assert qlora.resolve_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert quant_linear.resolve_compute_dtype(None, "cpu") == torch.float32
+    assert quant_linear.resolve_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- merge
@@ -284,11 +285,11 @@ def test_save_and_load_quantized_model_round_trip(tmp_path):
     idx = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
     with torch.no_grad():
         expected = model(idx)
-    file = qlora.save_quantized(model, tmp_path / "ckpt")
-    assert file.stat().st_size < 0.5 * 4 * gpt.count_parameters(model.config)
+    file = files_io.save_quantized(model, tmp_path / "ckpt")
+    assert file.stat().st_size < 0.5 * 4 * gpt.parameter_count(model.config)
     torch.manual_seed(123)  # a different dense init: everything must come from the file
     fresh = gpt.GPT(gpt.GPTConfig.preset("tiny"))
-    qlora.load_quantized(fresh, tmp_path / "ckpt")
+    files_io.load_quantized(fresh, tmp_path / "ckpt")
     with torch.no_grad():
         got = fresh(idx)
     assert torch.equal(got, expected)
@@ -298,19 +299,19 @@ def test_save_and_load_quantized_model_round_trip(tmp_path):
 
 def test_adapter_round_trip_and_format_mismatch(tmp_path):
     model = _tiny_qlora(quant_type="nf4")
-    qlora.save_adapter(model, tmp_path / "adapter")
+    files_io.save_qlora_adapter(model, tmp_path / "adapter")
     same = _tiny_qlora(quant_type="nf4", seed=0)
     for layer in qlora.qlora_layers(same).values():
         layer.reset_lora_parameters()
-    qlora.load_adapter(same, tmp_path / "adapter")
+    files_io.load_qlora_adapter(same, tmp_path / "adapter")
     idx = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
     with torch.no_grad():
         assert torch.equal(same(idx), model(idx))
     other = _tiny_qlora(quant_type="fp4")
     with pytest.raises(ValueError, match="quant_type='nf4'.*quant_type='fp4'"):
-        qlora.load_adapter(other, tmp_path / "adapter")
+        files_io.load_qlora_adapter(other, tmp_path / "adapter")
     with pytest.raises(ValueError, match="does not exist"):
-        qlora.load_adapter(same, tmp_path / "missing")
+        files_io.load_qlora_adapter(same, tmp_path / "missing")
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -343,17 +344,17 @@ def test_compiled_qlora_gpt_has_no_graph_break_and_same_gradients():
 
 
 def test_qlora_is_a_finetuning_method_and_table3_runs():
-    from pedaPEFT import experiments, train
+    from pedaPEFT import train
 
     assert train.METHODS["qlora"] is qlora.prepare_qlora
     scale = experiments.Scale(steps=2, batch_size=8, n_train=32, seeds=(0,), n_test=16)
-    label, method, options = qlora.TABLE3_SETTINGS[2]  # int8 base
-    row = qlora.table3_run(label, method, options, "shift", 0, scale)
+    label, method, options = experiments.TABLE3_SETTINGS[2]  # int8 base
+    row = experiments.table3_run(label, method, options, "shift", 0, scale)
     per_block = 4 * (64 + 64) + (64 + 256) + (256 + 64)  # r = 8 times (in + out) per layer
     assert row["trainable"] == 8 * per_block * 4
     assert row["model_bytes_after"] < row["model_bytes_before"]
     assert 0.0 <= row["accuracy"] <= 1.0
-    summary = qlora.table3_summary({"runs": [row, {**row, "accuracy": 1.0}]})
+    summary = experiments.table3_summary({"runs": [row, {**row, "accuracy": 1.0}]})
     assert summary[0]["n"] == 2 and summary[0]["mean"] == pytest.approx((row["accuracy"] + 1) / 2)
 
 
@@ -366,11 +367,11 @@ def test_finetune_counts_the_quantized_base_in_the_total():
     config = replace(train.FINETUNE_CONFIG, steps=1, progress=False, device="cpu")
     result = train.finetune(model, "shift", "qlora", config, n_train=8)
     assert result.trainable == lora.count_parameters(model)[0] > 0
-    assert result.total == gpt.count_parameters(TINY) + result.trainable
+    assert result.total == gpt.parameter_count(TINY) + result.trainable
 
 
 def test_demo_prints_its_table_and_writes_the_figure(tmp_path, capsys):
-    out = qlora.demo("shift", out_dir=tmp_path, progress=False, steps=2)
+    out = demo.demo("shift", out_dir=tmp_path, progress=False, steps=2)
     printed = capsys.readouterr().out
     for needle in ("trainable parameters", "bits per weight", "MiB", "before", "after QLoRA"):
         assert needle in printed
@@ -381,7 +382,7 @@ def test_memory_py_predicts_the_quantized_model_bytes():
     from pedaPEFT import memory
 
     model = gpt.GPT(TINY)
-    n_params = gpt.count_parameters(TINY)
+    n_params = gpt.parameter_count(TINY)
     qlora.prepare_qlora(model)
     quantized = sum(m.in_features * m.out_features for m in model.modules()
                     if isinstance(m, qlora.QuantLinear))

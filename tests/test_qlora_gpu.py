@@ -24,7 +24,7 @@ def test_triton_dequantization_is_bit_exact_with_the_cpu(quant_type, double_quan
     state = quant.quantize_4bit(w, quant_type=quant_type, double_quant=double_quant)
     args = (state.packed, state.absmax, state.code, state.nested_absmax, state.nested_code,
             state.offset)
-    cpu = kernels.dequantize_4bit_reference(*args, n, 64, 256, out_dtype)
+    cpu = kernels.dequantize_4bit_torch(*args, n, 64, 256, out_dtype)
     gpu_args = tuple(None if a is None else a.to(CUDA) for a in args)
     gpu = kernels.dequantize_4bit_triton(*gpu_args, n, 64, 256, out_dtype)
     assert not gpu.isnan().any()

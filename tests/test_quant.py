@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pedaPEFT import quant
+from pedaPEFT import kernels, quant
 
 # bitsandbytes' NF4 table (functional.get_4bit_type("nf4"), QLoRA paper appendix E).
 BNB_NF4 = [
@@ -463,18 +463,17 @@ def test_fake_quantize_matches_the_round_trips(method):
         quant.fake_quantize(x, "nf3")
 
 
-def test_cpu_and_device_decoders_agree():
-    # dequantize_4bit decodes with numpy on the CPU and with torch.embedding elsewhere.
-    packed = torch.randint(0, 256, (1000,), dtype=torch.uint8)
-    for code in (quant.nf4_code(), quant.fp4_code()):
-        table = quant._two_byte_table(code.numpy().tobytes(), "cpu")
-        with_numpy, with_torch = (
-            quant._gather_numpy(packed, table),
-            quant._gather_torch(packed, table),
-        )
-        assert torch.equal(with_numpy, with_torch)
-        expected = code[quant.unpack_4bit(packed, 2000).long()]
-        assert torch.equal(with_numpy, expected)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_kernels_cpu_path_equals_the_lessons_formula(quant_type, double_quant):
+    # kernels' byte-table path (what the QLoRA layer runs) against dequantize_4bit's formula.
+    w = torch.randn(3 * 64 * 7 + 5, generator=torch.Generator().manual_seed(1))
+    state = quant.quantize_4bit(w, quant_type, 64, double_quant=double_quant)
+    fast = kernels.dequantize_4bit_torch(
+        state.packed, state.absmax, state.code, state.nested_absmax, state.nested_code,
+        state.offset, state.numel, state.blocksize, state.dq_blocksize or 256, torch.float32,
+    )
+    assert torch.equal(fast, quant.dequantize_4bit(state))
 
 
 def test_absmax_scales_stay_finite_for_tiny_and_zero_blocks():

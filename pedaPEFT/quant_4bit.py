@@ -1,0 +1,319 @@
+"""4-bit NF4 and FP4 codes and blockwise 4-bit quantization (lesson 7).
+
+4-bit code quantization: ``s_i = x_i / a_j`` lies in [-1, 1] (``a_j`` the absmax of ``x_i``'s
+block); the stored 4-bit index is the nearest entry of a 16-value table ``code`` (ties go to
+the lower value), and ``dequant_i = code[q_i] * a_j``. Two indices share a byte: element ``2i``
+in the high nibble.
+
+The arithmetic follows bitsandbytes 0.50 (CPU backend) bit for bit, in pure torch ops, so it
+runs the same on CPU and CUDA tensors:
+
+* scaling multiplies by the float32 reciprocal ``1 / max(a_j, 1e-38)``, except the trailing
+  partial block, which divides; results are clamped to [-1, 1];
+* the nearest code is found with ``torch.bucketize`` on the float32 midpoints of the sorted code;
+* dequantization multiplies in float32 and casts to the original dtype last.
+
+**All-zero block.** bitsandbytes' CUDA kernels compute ``0 * (1/0) = NaN`` and store nibble 0
+(value -1, so the byte is 0x00); its CPU backend clamps the absmax at 1e-38 and stores nibble 7
+for NF4 (the exact zero, byte 0x77). Here: the CPU convention, on every device; the stored
+absmax is the true 0.0 (bitsandbytes' CPU backend stores the clamped 1e-38 for a trailing
+*partial* all-zero block). Every convention dequantizes to zeros, and states written by either
+backend dequantize correctly here.
+
+Smaller CUDA-kernel differences, not reproduced: bitsandbytes compiles its kernels with fast
+math (an approximate reciprocal, so a value within about one ulp of a threshold can take the
+neighbouring code), and its FP4 kernel decides on ``|x|`` with truncated decimal thresholds
+(negative ties go towards zero). Here the IEEE reciprocal and the float32 midpoints are used on
+every device, and the offset (the mean absmax) is always summed on the CPU, so a CUDA tensor
+gets exactly the bytes its CPU copy gets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from pedaPEFT.quant_absmax import (
+    blockwise_absmax_dequantize,
+    blockwise_absmax_quantize,
+    check_all_finite,
+    check_blocksize,
+    check_float_tensor,
+    is_integer,
+    nearest_code_index,
+    scale_blocks,
+    times_block_scale,
+)
+from pedaPEFT.quant_double import (
+    DQ_ROUNDINGS,
+    dequantize_absmax,
+    dynamic_code,
+    quantize_blockwise_8bit,
+)
+
+QUANT_TYPES = ("nf4", "fp4")
+NF4_OFFSET = 0.9677083  # bitsandbytes' create_normal_map(offset=0.9677083, use_extra_value=True)
+
+
+def check_quant_type(quant_type: object) -> str:
+    """``quant_type`` if it is a 4-bit code (``QUANT_TYPES``); ``ValueError`` otherwise."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    return str(quant_type)
+
+
+
+# --------------------------------------------------------------------------- codes
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 levels (float32, ascending; index = 4-bit nibble): lesson 7's five steps.
+
+    Built like bitsandbytes' ``create_normal_map(0.9677083, use_extra_value=True)``; the
+    probabilities are float32 (``torch.linspace``), which makes the table equal bitsandbytes'
+    bit for bit.
+    """
+    from scipy.stats import norm  # imported here: scipy.stats is slow to import
+
+    # step 1: Set I, 8 probabilities from 0.9677083 down towards 0.5 (excluded)
+    set_1 = torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].numpy()
+    # step 2: Set II, 7 probabilities from 0.9677083 down towards 0.5 (excluded)
+    set_2 = torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].numpy()
+    # step 3: the z-scores; Set II's negated, mirrored below zero
+    z_1 = norm.ppf(set_1)  # 8 positive levels
+    z_2 = -norm.ppf(set_2)  # 7 negative levels
+    # step 4: concatenate Set I, a zero and Set II, in ascending order
+    values = np.sort(np.concatenate([z_1, [0.0], z_2]).astype(np.float32))
+    # step 5: normalize by the absolute maximum, so the ends are exactly -1 and 1
+    return torch.from_numpy(values / np.abs(values).max())
+
+
+def fp4_code() -> torch.Tensor:
+    """The 16 FP4 levels (float32) in nibble order, as bitsandbytes stores them (lesson 7).
+
+    Bit 3 is the sign; the 3 low bits index the magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3}
+    (an E2M1-like format with a subnormal 0.0625), divided by 12 so the largest is 1.
+    Nibble 8 decodes to -0.0.
+    """
+    magnitudes = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0])
+    return torch.cat([magnitudes, -magnitudes]) / 12.0
+
+
+def _code_for(quant_type: str, device: torch.device) -> torch.Tensor:
+    return (nf4_code() if quant_type == "nf4" else fp4_code()).to(device)
+
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit indices (0..15) two per byte: element ``2i`` in the high nibble.
+
+    ``codes`` is flattened; an odd count is padded with a 0 nibble. Returns uint8 of shape
+    ``(ceil(n/2),)``. (:func:`quantize_4bit` pads its values with a 0.0 before coding, so its
+    padding nibble is the code of 0.0, as in bitsandbytes.)
+    """
+    if not isinstance(codes, torch.Tensor) or not is_integer(codes.dtype):
+        raise TypeError("codes must be an integer torch.Tensor of 4-bit indices (0..15)")
+    flat = codes.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > 15):
+        raise ValueError("codes must lie in 0..15 to fit in 4 bits")
+    flat = flat.to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] << 4) | flat[1::2]
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_4bit`: the first ``n`` nibbles as uint8 ``(n,)``, high first."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError("packed must be a uint8 torch.Tensor")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes but {n} elements need ceil(n/2) = {(n + 1) // 2}"
+        )
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n]
+
+
+# --------------------------------------------------------------------------- 4-bit blockwise
+
+
+@dataclass
+class QuantState:
+    """A 4-bit quantized tensor and everything needed to dequantize it.
+
+    Without double quantization ``absmax`` holds one float32 per block. With it, ``absmax`` holds
+    uint8 indices into ``nested_code``, and the float32 absmax of block ``j`` is rebuilt as
+    ``nested_code[absmax[j]] * nested_absmax[j // dq_blocksize] + offset``.
+    """
+
+    packed: torch.Tensor  # uint8, shape (ceil(n/2),): element 2i in the high nibble
+    absmax: torch.Tensor  # float32 (n_blocks,), or uint8 (n_blocks,) codes with double quant
+    shape: torch.Size  # original shape
+    dtype: torch.dtype  # original dtype (fp32, bf16, fp16)
+    blocksize: int  # 64 by default
+    quant_type: str  # "nf4" | "fp4"
+    code: torch.Tensor  # float32 (16,) the 4-bit code table
+    offset: torch.Tensor | None = None  # float32 scalar: mean of absmax (double quant only)
+    nested_absmax: torch.Tensor | None = None  # float32 (ceil(n_blocks/dq_blocksize),)
+    nested_code: torch.Tensor | None = None  # float32 (256,) signed dynamic map
+    dq_blocksize: int | None = None  # 256
+
+    @property
+    def double_quant(self) -> bool:
+        """True when the absmax values are themselves quantized."""
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        return math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> QuantState:
+        """Return a copy with every tensor on ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+def quantize_4bit(
+    w: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    dq_blocksize: int = 256,
+    dq_rounding: str = "nearest",
+) -> QuantState:
+    """Quantize a float tensor of any shape to 4-bit NF4 or FP4 codes, blockwise (lesson 7,
+    section "Blockwise 4-bit"; double quantization: lesson 8).
+
+    The tensor is flattened row-major into blocks of ``blocksize``; each block is scaled by its
+    absmax into [-1, 1] and every value becomes the index of the nearest code entry. With
+    ``double_quant`` the absmax values are then quantized to 8 bits (mean subtracted, blocks of
+    ``dq_blocksize``, dynamic map, float32 second-level scales); ``dq_rounding`` is described in
+    ``pedaPEFT.quant_double``. Works on CPU and CUDA tensors, for float32, bfloat16 and float16.
+    """
+    check_float_tensor(w, "w", check_finite=False)
+    quant_type = check_quant_type(quant_type)
+    blocksize = check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    if double_quant:
+        dq_blocksize = check_blocksize(dq_blocksize, "dq_blocksize")
+        if dq_rounding not in DQ_ROUNDINGS:
+            raise ValueError(f"dq_rounding must be one of {DQ_ROUNDINGS}, got {dq_rounding!r}")
+    code = _code_for(quant_type, w.device)
+    absmax, scaled = scale_blocks(w.reshape(-1).float(), blocksize)
+    check_all_finite(absmax, "w")  # a block's absmax is NaN or Inf exactly when the block is
+    if scaled.numel() % 2:  # an odd count is padded with the code of 0.0, as bitsandbytes does
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    indices = nearest_code_index(scaled, code)  # (n rounded up to even,) int64 in 0..15
+    packed = pack_4bit(indices)  # (ceil(n/2),) uint8
+    state = QuantState(
+        packed=packed,
+        absmax=absmax,
+        shape=w.shape,
+        dtype=w.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=code,
+    )
+    if not double_quant:
+        return state
+    # The mean is taken on the CPU so that CPU and CUDA give the same float32 offset.
+    offset = absmax.cpu().mean().to(w.device)
+    qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, dq_blocksize, dq_rounding)
+    return replace(
+        state,
+        absmax=qabsmax,
+        offset=offset,
+        nested_absmax=nested_absmax,
+        nested_code=dynamic_code().to(w.device),
+        dq_blocksize=dq_blocksize,
+    )
+
+
+def check_state(state: QuantState) -> None:
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    n = state.numel
+    if state.packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"state.packed has {state.packed.numel()} bytes but shape {tuple(state.shape)} "
+            f"needs ceil({n}/2) = {(n + 1) // 2}"
+        )
+    n_blocks = -(-n // state.blocksize)
+    if state.absmax.numel() != n_blocks:
+        raise ValueError(
+            f"state.absmax has {state.absmax.numel()} entries but {n} elements in blocks of "
+            f"{state.blocksize} need {n_blocks}"
+        )
+    if state.code.numel() != 16:
+        raise ValueError(f"state.code must have 16 entries, got {state.code.numel()}")
+    if state.double_quant:
+        n_nested = -(-n_blocks // state.dq_blocksize)
+        if state.nested_absmax.numel() != n_nested or state.absmax.dtype != torch.uint8:
+            raise ValueError(
+                f"double-quantized state needs uint8 absmax codes and {n_nested} nested_absmax "
+                f"entries, got {state.absmax.dtype} and {state.nested_absmax.numel()}"
+            )
+
+
+def dequantize_4bit(state: QuantState) -> torch.Tensor:
+    """``dequant_i = code[q_i] * absmax_j`` (lesson 7), in float32, cast to the original dtype
+    and shape; ``absmax_j`` rebuilt first when it is double-quantized (lesson 8).
+
+    The formula as written, for reading and testing; ``pedaPEFT.kernels`` computes the same
+    values fast (a CPU byte table, a fused CUDA kernel) for the QLoRA layer.
+    """
+    check_state(state)
+    nibbles = unpack_4bit(state.packed.reshape(-1), state.numel)  # (n,) uint8, 0..15
+    values = state.code.float()[nibbles.long()]  # (n,) float32: code[q_i]
+    absmax = dequantize_absmax(state)  # (n_blocks,) float32
+    out = times_block_scale(values, absmax, state.blocksize)  # (n,) code[q_i] * absmax_j
+    return out.to(state.dtype).reshape(state.shape)
+
+
+FAKE_QUANT_METHODS = ("nf4", "fp4", "int4", "int8")
+
+
+def fake_quantize(x: torch.Tensor, method: str = "nf4", blocksize: int = 64) -> torch.Tensor:
+    """Quantize and dequantize at once: what a weight looks like after a round trip (lesson 7).
+
+    ``"nf4"``/``"fp4"``: :func:`quantize_4bit` without double quantization; ``"int4"``/
+    ``"int8"``: :func:`blockwise_absmax_quantize` with 4 or 8 bits (15 or 255 levels). Every
+    method uses one float32 absmax per ``blocksize`` elements. Returns float32, shape of ``x``.
+    """
+    if method not in FAKE_QUANT_METHODS:
+        raise ValueError(f"method must be one of {FAKE_QUANT_METHODS}, got {method!r}")
+    if method in QUANT_TYPES:
+        state = quantize_4bit(x, quant_type=method, blocksize=blocksize, double_quant=False)
+        return dequantize_4bit(state).float()
+    q, scale = blockwise_absmax_quantize(x, bits=int(method[3:]), blocksize=blocksize)
+    return blockwise_absmax_dequantize(q, scale, blocksize)
+
+
+
+
+def four_bit_errors(weights: dict, blocksize: int = 64) -> dict:
+    """Relative RMS round-trip error (%) of NF4, FP4 and int4 on each named list of tensors
+    (lesson 7, "NF4 on real weights")."""
+    errors = {}
+    for name, tensors in weights.items():
+        errors[name] = {}
+        total = sum(float((t.float() ** 2).sum()) for t in tensors)
+        for method in ("nf4", "fp4", "int4"):
+            squared = sum(float(((fake_quantize(t, method, blocksize) - t) ** 2).sum())
+                          for t in tensors)
+            errors[name][method] = 100 * (squared / total) ** 0.5
+    return errors

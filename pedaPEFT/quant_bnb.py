@@ -1,0 +1,87 @@
+"""bitsandbytes interop: a 4-bit ``QuantState`` as a ``Linear4bit`` state dict, and back.
+
+The tests use it to compare this package's bytes with bitsandbytes' bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import torch
+
+from pedaPEFT.quant_4bit import QuantState, check_quant_type, check_state
+from pedaPEFT.quant_absmax import check_blocksize
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def to_bnb_state_dict(state: QuantState, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors a bitsandbytes ``Linear4bit`` stores for its weight, under ``prefix``.
+
+    Keys ``weight`` (uint8, shape (ceil(n/2), 1)), ``weight.absmax``, ``weight.quant_map`` and,
+    with double quantization, ``weight.nested_absmax`` and ``weight.nested_quant_map``; the
+    non-tensor fields go as JSON bytes under ``weight.quant_state.bitsandbytes__<quant_type>``.
+    """
+    check_state(state)
+    meta: dict[str, object] = {
+        "quant_type": state.quant_type,
+        "blocksize": state.blocksize,
+        "dtype": _DTYPE_NAMES[state.dtype],
+        "shape": list(state.shape),
+    }
+    sd = {
+        f"{prefix}weight": state.packed.reshape(-1, 1),
+        f"{prefix}weight.absmax": state.absmax,
+        f"{prefix}weight.quant_map": state.code,
+    }
+    if state.double_quant:
+        sd[f"{prefix}weight.nested_absmax"] = state.nested_absmax
+        sd[f"{prefix}weight.nested_quant_map"] = state.nested_code.clone()
+        meta.update(
+            nested_blocksize=state.dq_blocksize,
+            nested_dtype="float32",
+            nested_offset=state.offset.item(),
+        )
+    blob = json.dumps(meta).encode("utf-8")
+    key = f"{prefix}weight.quant_state.bitsandbytes__{state.quant_type}"
+    sd[key] = torch.tensor(list(blob), dtype=torch.uint8)
+    return sd
+
+
+def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> QuantState:
+    """Read the 4-bit weight of a bitsandbytes ``Linear4bit`` state dict into a QuantState."""
+    blob_keys = [k for k in sd if k.startswith(f"{prefix}weight.quant_state.bitsandbytes__")]
+    if len(blob_keys) != 1 or f"{prefix}weight" not in sd:
+        raise ValueError(
+            f"sd must hold '{prefix}weight' and one '{prefix}weight.quant_state.bitsandbytes__"
+            "<nf4|fp4>' entry (a bitsandbytes Linear4bit state dict)"
+        )
+    meta = json.loads(bytes(sd[blob_keys[0]].tolist()).decode("utf-8"))
+    dtypes = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+    if meta.get("dtype") not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {meta.get('dtype')!r}")
+    packed = sd[f"{prefix}weight"]
+    if packed.dtype != torch.uint8:
+        packed = packed.contiguous().view(torch.uint8)
+    state = QuantState(
+        packed=packed.reshape(-1),
+        absmax=sd[f"{prefix}weight.absmax"],
+        shape=torch.Size(meta["shape"]),
+        dtype=dtypes[meta["dtype"]],
+        blocksize=check_blocksize(meta["blocksize"]),
+        quant_type=check_quant_type(meta["quant_type"]),
+        code=sd[f"{prefix}weight.quant_map"].float(),
+    )
+    if "nested_offset" in meta:
+        state = replace(
+            state,
+            offset=torch.tensor(
+                float(meta["nested_offset"]), dtype=torch.float32, device=packed.device
+            ),
+            nested_absmax=sd[f"{prefix}weight.nested_absmax"].float(),
+            nested_code=sd[f"{prefix}weight.nested_quant_map"].float(),
+            dq_blocksize=int(meta["nested_blocksize"]),
+        )
+    check_state(state)
+    return state
