@@ -106,6 +106,10 @@ def command_figures(args: argparse.Namespace) -> int:
 
 
 def command_lessons(args: argparse.Namespace) -> int:
+    if args.copy is not None:
+        return copy_lessons(args)
+    if args.student or args.force:
+        raise ValueError("--student and --force go with --copy DIR")
     try:
         from pedaPEFT import notebooks
     except ImportError as error:
@@ -127,10 +131,31 @@ def command_lessons(args: argparse.Namespace) -> int:
     return 0
 
 
+def copy_lessons(args: argparse.Namespace) -> int:
+    """``lessons --copy DIR [--student] [--force]``: the installed notebooks, copied out."""
+    from pedaPEFT import course_files
+
+    if args.names or args.check:
+        print("error: --copy takes no lesson names and no --check", file=sys.stderr)
+        return 2
+    try:
+        written = course_files.copy_lessons(args.copy, student=args.student, force=args.force)
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    kind = "student notebooks" if args.student else "lessons"
+    print(f"copied {len(written)} {kind} to {args.copy}")
+    for path in written:
+        print(f"  {path.name}")
+    print(f"open them with: jupyter lab {args.copy}")
+    return 0
+
+
 def command_lora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments, files
 
-    out = Path(args.out) if args.out else experiments.results_path(f"lora_{args.name}")
+    name = f"lora_{args.name}" + ("" if args.task in (None, "shift") else f"_{args.task}")
+    out = Path(args.out) if args.out else experiments.results_path(name)
     files.check_output_file(out, "--out")
     results = experiments.experiment(args.name, args.scale, args.task, log=print)
     experiments.write_results(results, out)
@@ -319,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     qlora_experiment.add_argument("--task", default="reverse", choices=TASKS,
                                   help="downstream task (default: reverse)")
     qlora_experiment.add_argument(
-        "--out", default=None, help="output JSON (default: figures/data/qlora_table3_<task>.json)"
+        "--out", default=None,
+        help="output JSON (default: results/qlora_table3_<task>.json in the working directory; "
+             "--out pedaPEFT/results/qlora_table3_<task>.json refreshes a clone's committed copy)"
     )
     qlora_experiment.set_defaults(run=command_qlora_experiment)
 
@@ -338,15 +365,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     figures = commands.add_parser("figures", help="regenerate every PNG in figures/")
     figures.add_argument("names", nargs="*", help="figure names (default: all)")
-    figures.add_argument("--out", default=str(REPO_DIR / "figures"), help="output folder")
+    figures.add_argument("--out", default="figures",
+                         help="output folder (default: figures/ in the working directory)")
     figures.set_defaults(run=command_figures)
 
     lessons = commands.add_parser(
-        "lessons", help="build lesson notebooks (with outputs) and student copies from scripts"
+        "lessons",
+        help="copy the lessons out of the installed package (--copy DIR), or, in a clone, "
+             "build notebooks (with outputs) and student copies from their scripts",
     )
     lessons.add_argument("names", nargs="*", help="lessons to build, e.g. 01 (default: all)")
     lessons.add_argument(
         "--check", action="store_true", help="only report drift between scripts and notebooks"
+    )
+    lessons.add_argument(
+        "--copy", metavar="DIR", default=None,
+        help="copy the installed lesson notebooks into DIR (created if missing)",
+    )
+    lessons.add_argument(
+        "--student", action="store_true",
+        help="with --copy: the exercise versions (solutions stubbed, outputs cleared)",
+    )
+    lessons.add_argument(
+        "--force", action="store_true", help="with --copy: overwrite notebooks already in DIR"
     )
     lessons.set_defaults(run=command_lessons)
 
@@ -364,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora_experiment.add_argument("--task", default=None, choices=TASKS,
                                  help="downstream task (default: shift)")
     lora_experiment.add_argument(
-        "--out", default=None, help="output JSON (default: figures/data/lora_<name>.json)"
+        "--out", default=None,
+        help="output JSON (default: results/lora_<name>[_<task>].json in the working directory; "
+             "--out pedaPEFT/results/lora_<name>.json refreshes a clone's committed copy)"
     )
     lora_experiment.set_defaults(run=command_lora_experiment)
 
@@ -378,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="training steps (default: the recipe's)")
     pretrain.add_argument("--seed", type=non_negative_int, default=0)
     pretrain.add_argument("--out", default="runs",
-                          help="output folder (default: runs; the shipped bases are replaced "
-                               "only with --out pointing at them and --force)")
+                          help="output folder (default: runs/ in the working directory; "
+                               "--out pedaPEFT/weights --force refreshes a clone's shipped base)")
     pretrain.add_argument("--force", action="store_true",
                           help="replace <out>/<preset>.safetensors and .json if they exist")
     pretrain.add_argument("--checkpoint", default=None, help="checkpoint file to write")

@@ -24,8 +24,9 @@ order of the training batches. One runner (:func:`run`, :func:`run_many`), one s
   LoRA on a float32 base and QLoRA on int8, FP4 and NF4 + DQ bases, at the same r and α.
 
 ``SCALES["small"]`` runs in seconds (the lessons and tests use it); ``SCALES["full"]`` is
-what ``python -m pedaPEFT experiment NAME --scale full`` runs to write the committed results
-in ``figures/data/`` that the figures plot.
+what ``python -m pedaPEFT lora-experiment NAME --scale full`` runs; its results, committed in
+``pedaPEFT/results/`` (package data, see :mod:`pedaPEFT.course_files`), are what the figures
+plot and the lessons read.
 """
 
 from __future__ import annotations
@@ -43,10 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pedaPEFT import data, gpt, linalg, lora, qlora, train
+from pedaPEFT import course_files, data, gpt, linalg, lora, qlora, train
 from pedaPEFT.files import atomic_write_text
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "figures" / "data"
 
 
 @dataclass(frozen=True)
@@ -336,10 +335,11 @@ def _mean_std(accuracies: list[float]) -> dict[str, float]:
 
 
 def results_path(name: str) -> Path:
-    """``figures/data/<name>.json``: where the full-scale results ``name`` are committed
-    (``lora_adapters``, ``lora_tables``, ``qlora_table3_reverse``, …; ``_<task>`` ends the
-    name of a task other than the experiment's default)."""
-    return DATA_DIR / f"{name}.json"
+    """``results/<name>.json`` in the working directory: where the experiment commands write the
+    full-scale results ``name`` (``lora_adapters``, ``lora_tables``, ``qlora_table3_reverse``,
+    …; ``_<task>`` ends the name of a task other than the experiment's default). The committed
+    copies that lessons read ship in the package (``pedaPEFT/results/``, :func:`load_results`)."""
+    return course_files.RESULTS_OUT / f"{name}.json"
 
 
 def write_results(results: dict, path: str | os.PathLike) -> Path:
@@ -358,18 +358,15 @@ def _command_that_writes(name: str) -> str:
 
 
 def load_results(name: str) -> dict:
-    """The committed full-scale results of experiment ``name``.
+    """The committed full-scale results of experiment ``name`` (shipped with the package).
 
     Introduced in lesson 4, section "5. Adapters on a downstream task";
     used again in lessons 5 and 9.
     """
-    path = results_path(name)
-    if not path.exists():
-        raise ValueError(
-            f"no results {name!r} at {path}; {_command_that_writes(name)} writes them "
-            "(python -m pedaPEFT lora-experiment or qlora-experiment)"
-        )
-    return json.loads(path.read_text())
+    return course_files.load_shipped_results(
+        f"{name}.json",
+        f"{_command_that_writes(name)} --out pedaPEFT/results/{name}.json (in a clone)",
+    )
 
 
 SCALING_RULES = ("alpha/r", "alpha/sqrt(r)", "none")

@@ -1,9 +1,10 @@
 """Every figure of the course, one function each, and the command that writes them all.
 
 A figure function builds its plot from the package (or from a small committed results file in
-``figures/data/``) and returns the ``Figure``; it never writes files. Lessons call the same
+``pedaPEFT/results/``) and returns the ``Figure``; it never writes files. Lessons call the same
 functions to show the figures, so a figure in ``figures/`` is exactly what the lesson shows.
-``python -m pedaPEFT figures`` calls every registered function and writes ``figures/<name>.png``.
+``python -m pedaPEFT figures`` calls every registered function and writes ``figures/<name>.png``
+under the working directory (a clone's committed ``figures/`` when run from its root).
 """
 
 import functools
@@ -344,7 +345,7 @@ def _summary_by_key(rows: list[dict], group: str) -> dict[tuple, dict]:
 
 LORA_RESULT_FILES = {"tables": ("lora_tables", "lora_tables_reverse"),
                      "adapters": ("lora_adapters", "lora_adapters_reverse")}
-"""Committed result files (``figures/data/<name>.json``): task ``shift``, then ``reverse``."""
+"""Committed result files (``pedaPEFT/results/<name>.json``): task ``shift``, then ``reverse``."""
 
 
 @register("lora_tables")
@@ -411,7 +412,7 @@ def adapter_methods() -> Figure:
 @register("qlora_table3")
 def qlora_table3(results: dict | None = None) -> Figure:
     """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8), each seed a
-    dot and the mean ± standard deviation a bar (``figures/data/qlora_table3.json``)."""
+    dot and the mean ± standard deviation a bar (``pedaPEFT/results/qlora_table3_<task>.json``)."""
     from pedaPEFT import experiments
 
     if results is None:

@@ -18,7 +18,6 @@ writes the committed ``figures/data/realtext_asyncio.json``; ``SCALES["small"]``
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -27,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from pedaPEFT import corpus, gpt, qlora, train_text
-from pedaPEFT.experiments import DATA_DIR, base_sha256
+from pedaPEFT import corpus, course_files, experiments, gpt, qlora, train_text
+from pedaPEFT.experiments import base_sha256
 
 DOMAIN = "asyncio"
 ADAPTER = {"r": 8, "alpha": 16}
@@ -159,15 +158,19 @@ def experiment(scale_name: str = "small", log: Callable[[str], object] | None = 
     return results
 
 
+RESULTS_NAME = f"realtext_{DOMAIN}"
+
+
 def results_path() -> Path:
-    """``figures/data/realtext_asyncio.json``: the committed full-scale results."""
-    return DATA_DIR / f"realtext_{DOMAIN}.json"
+    """``results/realtext_asyncio.json`` in the working directory: where the experiment command
+    writes (the committed copy ships as ``pedaPEFT/results/realtext_asyncio.json``)."""
+    return experiments.results_path(RESULTS_NAME)
 
 
 def load_results() -> dict:
-    """The committed full-scale results (``results_path()``)."""
-    path = results_path()
-    if not path.exists():
-        raise ValueError(f"no results at {path}; run python -m pedaPEFT realtext-experiment "
-                         "--scale full")
-    return json.loads(path.read_text())
+    """The committed full-scale results, shipped with the package."""
+    return course_files.load_shipped_results(
+        f"{RESULTS_NAME}.json",
+        "python -m pedaPEFT realtext-experiment --scale full "
+        f"--out pedaPEFT/results/{RESULTS_NAME}.json (in a clone)",
+    )

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars: tqdm.auto warns on stderr in a kernel without ipywidgets
 
 from pedaPEFT import adapters, data, lora, qlora
 from pedaPEFT.checkpoints import (  # noqa: F401 (train.CHECKPOINT_FORMAT stays a public name)
