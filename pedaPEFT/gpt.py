@@ -282,6 +282,8 @@ def untie_head(model: GPT) -> None:
         model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
 
 
+STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Weights a base may be stored in (``save_pretrained(dtype=...)``); loading casts to float32."""
 PRETRAINED_DIR = Path(str(resources.files("pedaPEFT") / "weights"))
 
 
@@ -330,10 +332,11 @@ def load_pretrained(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR
         raise ValueError(f"{str(weights)!r} does not hold the tensors of its model_config: "
                          f"missing {missing[:4]}, unexpected {extra[:4]}")
     for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+        if tensor.shape != expected[name].shape or tensor.dtype not in STORED_DTYPES:
             raise ValueError(
                 f"{str(weights)!r}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                f"model_config needs {tuple(expected[name].shape)} {expected[name].dtype}"
+                f"model_config needs {tuple(expected[name].shape)} in float32, bfloat16 or "
+                "float16"
             )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{str(weights)!r}: tensor {name!r} holds NaN or inf")

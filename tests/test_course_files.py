@@ -10,6 +10,8 @@ from pedaPEFT import course_files, experiments, notebooks
 from pedaPEFT.__main__ import main
 from pedaPEFT.course import check_version
 
+REPO = Path(__file__).resolve().parent.parent
+
 LESSONS_DIR = notebooks.LESSONS_DIR
 
 
@@ -69,17 +71,19 @@ def test_lessons_copy_options_need_copy(capsys):
 
 
 def test_every_committed_result_file_is_package_data():
-    for name in ("adapters", "adapters_reverse", "tables", "tables_reverse"):
+    names = ("lora_adapters", "lora_adapters_reverse", "lora_tables", "lora_tables_reverse",
+             "qlora_table3_reverse", "qlora_table3_shift", "realtext_asyncio")
+    for name in names:
         assert experiments.load_results(name)["runs"]
-    for task in ("reverse", "shift"):
-        path = experiments.table3_results_path(task)
-        assert path.is_file()
+        path = course_files.shipped_results(f"{name}.json")
         assert Path(str(path)).is_relative_to(Path(str(resources.files("pedaPEFT"))))
+    committed = sorted(path.stem for path in (REPO / "pedaPEFT" / "results").glob("*.json"))
+    assert committed == sorted(names)
 
 
 def test_missing_results_name_the_command_that_makes_them():
     with pytest.raises(ValueError, match="lora-experiment nope --scale full"):
-        experiments.load_results("nope")
+        experiments.load_results("lora_nope")
 
 
 @pytest.mark.parametrize("filename", ["../x.json", "x.txt", None])

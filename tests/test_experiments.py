@@ -80,7 +80,7 @@ def test_committed_results_load_and_summarize(name):
 
 
 def test_missing_results_name_the_commands_that_write_them():
-    with pytest.raises(ValueError, match="lora-experiment or qlora-experiment"):
+    with pytest.raises(ValueError, match="lora-experiment nothing --scale full --out "):
         experiments.load_results("lora_nothing")
 
 
