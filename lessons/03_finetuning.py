@@ -88,7 +88,7 @@ for name in gpt.PRESETS:
     config = gpt.GPTConfig.preset(name)
     with torch.device("meta"):  # shapes only, no memory
         real = sum(p.numel() for p in gpt.GPT(config).parameters())
-    print(f"{name:>5}: d={config.n_embd:4d} L={config.n_layer:2d} V={config.vocab_size:5d}  "
+    print(f"{name:>6}: d={config.n_embd:4d} L={config.n_layer:2d} V={config.vocab_size:5d}  "
           f"formula {gpt.parameter_count(config):>11,}  real {real:>11,}")
 
 # %% [markdown]
