@@ -17,11 +17,12 @@ from pedaPEFT.exercise_bank import (
     lesson08,
     lesson09,
     lesson10,
+    lesson11,
 )
 from pedaPEFT.exercise_bank.base import Exercise, Mistake
 
 LESSON_MODULES = (lesson01, lesson02, lesson03, lesson04, lesson05,
-                  lesson06, lesson07, lesson08, lesson09, lesson10)
+                  lesson06, lesson07, lesson08, lesson09, lesson10, lesson11)
 
 
 def _index(modules) -> dict[str, Exercise]:

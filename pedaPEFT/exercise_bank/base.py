@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 KINDS = ("code", "number")
+LESSONS = range(1, 12)
+"""The course's lesson numbers; a test keeps it equal to the lesson scripts in ``lessons/``."""
 
 
 class Mistake(Exception):
@@ -33,7 +35,7 @@ class Exercise:
 
     Attributes:
         id: ``"LL-slug"``, ``LL`` the lesson's two digits (``"05-lora-layer"``).
-        lesson: the lesson number, 1..10.
+        lesson: the lesson number, one of ``LESSONS``.
         title: one line: what the student writes.
         kind: ``"code"`` (a function or class) or ``"number"`` (arithmetic).
         run: checks an answer; returns ``None`` or raises :class:`Mistake`.
@@ -50,8 +52,9 @@ class Exercise:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if not (isinstance(self.lesson, int) and 1 <= self.lesson <= 10):
-            raise ValueError(f"lesson must be an integer in 1..10, got {self.lesson!r}")
+        if not (isinstance(self.lesson, int) and self.lesson in LESSONS):
+            raise ValueError(f"lesson must be an integer in {LESSONS.start}..{LESSONS.stop - 1}, "
+                             f"got {self.lesson!r}")
         if not self.id.startswith(f"{self.lesson:02d}-"):
             raise ValueError(f"id must start with the lesson's two digits, got {self.id!r}")
 
