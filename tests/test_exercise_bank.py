@@ -3,7 +3,7 @@ fails with the generic hint, every planted bug (tests/exercise_bugs/lessonNN.py)
 own hint, and no student notebook shows an expected value.
 
 Solutions are taken from the lesson scripts themselves: the cell that holds the solution region
-defining the checked name is executed after the lesson's first (import) cell. Number exercises
+defining the checked name is executed after the lesson's setup and import cells. Number exercises
 depend on the lesson's state, so their solutions are proven by the strict nbval run instead.
 """
 
@@ -15,7 +15,7 @@ import jupytext
 import pytest
 
 from pedaPEFT import exercises, notebooks
-from pedaPEFT.exercise_bank import EXERCISES
+from pedaPEFT.exercise_bank import EXERCISES, base
 from pedaPEFT.exercises import ExerciseError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,9 +44,15 @@ def defines(source: str, name: str) -> bool:
     return re.search(rf"^(def|class) {name}\b|^{name}\s*=", source, re.MULTILINE) is not None
 
 
+def import_cell_index(cells: list[str]) -> int:
+    """Index of the lesson's import cell (the one importing ``exercises``), after its setup."""
+    return next(i for i, source in enumerate(cells)
+                if re.search(r"^from pedaPEFT import .*\bexercises\b", source, re.MULTILINE))
+
+
 def answer_from_lesson(exercise_id: str, student: bool = False):
-    """Execute the lesson's first cell and the solution cell of ``exercise_id``; return the
-    checked name's value (``student``: from the stubbed cell, as in lessons/student/)."""
+    """Execute the lesson's setup and import cells and the solution cell of ``exercise_id``;
+    return the checked name's value (``student``: from the stubbed cell, as in lessons/student/)."""
     exercise = EXERCISES[exercise_id]
     script = lesson_script(exercise.lesson)
     name = check_calls(script)[exercise_id]
@@ -56,7 +62,8 @@ def answer_from_lesson(exercise_id: str, student: bool = False):
     if student:
         solution = notebooks.strip_solutions(solution)
     namespace: dict = {}
-    exec(compile(cells[0], f"{script.name}[first cell]", "exec"), namespace)
+    for number, source in enumerate(cells[: import_cell_index(cells) + 1]):
+        exec(compile(source, f"{script.name}[cell {number}]", "exec"), namespace)
     exec(compile(solution, f"{script.name}[{name}]", "exec"), namespace)
     return namespace[name]
 
@@ -78,6 +85,11 @@ BUGS = [(ident, number, bug, hint)
         for number, (bug, hint) in enumerate(bugs)]
 CODE = sorted(ident for ident, exercise in EXERCISES.items() if exercise.kind == "code")
 LESSONS_WITH_BANK = sorted({exercise.lesson for exercise in EXERCISES.values()})
+
+
+def test_the_bank_accepts_exactly_the_lessons_that_exist():
+    numbers = [int(path.name[:2]) for path in notebooks.lesson_sources()]
+    assert list(base.LESSONS) == numbers
 
 
 def test_every_exercise_has_exactly_one_check_cell_in_its_lesson():

@@ -50,6 +50,7 @@ def _as_pair(value: Any) -> tuple[int, int]:
 
 
 def _run_most_frequent_pair(answer: Any) -> None:
+    wrong_tie = None
     for tokens in _token_lists(SEED):
         got = _as_pair(call(answer, list(tokens), name=f"most_frequent_pair({tokens})"))
         expected = _reference_pair(tokens)
@@ -68,6 +69,9 @@ def _run_most_frequent_pair(answer: Any) -> None:
                           "pair and take the largest count.")
         tied = [pair for pair in counts if counts[pair] == top]
         first_seen = next(pair for pair in zip(tokens, tokens[1:], strict=False) if pair in tied)
+        if got == first_seen == max(tied):
+            wrong_tie = tokens  # both mistakes give this answer: let a later list tell them apart
+            continue
         if got == first_seen:
             raise Mistake("ties go to the pair seen first (Counter.most_common breaks ties by "
                           "order of appearance); BPE takes the smallest pair (a, b).")
@@ -75,6 +79,9 @@ def _run_most_frequent_pair(answer: Any) -> None:
             raise Mistake("ties go to the largest pair: BPE takes the smallest pair (a, b), "
                           "e.g. min with key (-count, pair).")
         raise Mistake(f"for {tokens} several pairs are equally frequent: take the smallest "
+                      "pair (a, b).")
+    if wrong_tie is not None:
+        raise Mistake(f"for {wrong_tie} several pairs are equally frequent: take the smallest "
                       "pair (a, b).")
 
 
