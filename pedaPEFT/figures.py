@@ -90,8 +90,7 @@ def sample_photograph():
     and scaled to [0, 1]. The file is part of matplotlib's installed sample data: nothing is
     downloaded.
 
-    Introduced in lesson 2, section "4. A photograph at low rank".
-    """
+    Introduced in lesson 2, section "4. A photograph at low rank"."""
     import matplotlib.cbook
     import matplotlib.image
     import numpy as np
@@ -105,8 +104,7 @@ def sample_photograph():
 def rank_parameter_counts() -> Figure:
     """Numbers stored for an n × n matrix: dense n² against a rank-r factorization 2rn.
 
-    Introduced in lesson 1, section "6. From $n^2$ to $2rn$".
-    """
+    Introduced in lesson 1, section "6. From $n^2$ to $2rn$"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -142,8 +140,7 @@ def rank_near_tolerance() -> Figure:
     """Pivot versus smallest singular value of [[1, 1], [1, 1 + d]] against a tolerance 1e-3.
 
     Introduced in lesson 1,
-    section "Why the SVD rank and the row-reduction rank can differ near the tolerance".
-    """
+    section "Why the SVD rank and the row-reduction rank can differ near the tolerance"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -191,8 +188,7 @@ def _photograph_svd():
 def svd_photo_reconstructions() -> Figure:
     """The sample photograph and its best rank-k approximations, with size and error.
 
-    Introduced in lesson 2, section "4. A photograph at low rank".
-    """
+    Introduced in lesson 2, section "4. A photograph at low rank"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -219,8 +215,7 @@ def svd_photo_reconstructions() -> Figure:
 def svd_photo_spectrum() -> Figure:
     """Singular values of the photograph and the Eckart–Young error of its truncations.
 
-    Introduced in lesson 2, section "4. A photograph at low rank".
-    """
+    Introduced in lesson 2, section "4. A photograph at low rank"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -252,8 +247,7 @@ def svd_photo_spectrum() -> Figure:
 def weight_update_spectrum() -> Figure:
     """Singular values of a pretrained weight and of its fine-tuning update (planted rank 3).
 
-    Introduced in lesson 2, section "6. Why a weight *update* can have low intrinsic rank".
-    """
+    Introduced in lesson 2, section "6. Why a weight *update* can have low intrinsic rank"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -292,8 +286,7 @@ FINETUNE_MEMORY_SETTINGS = (  # label, finetune_memory keyword arguments for one
 def finetune_memory_per_parameter() -> Figure:
     """Bytes per parameter of full fine-tuning by component, from ``memory.finetune_memory``.
 
-    Introduced in lesson 3, section "4. What full fine-tuning costs: bytes per parameter".
-    """
+    Introduced in lesson 3, section "4. What full fine-tuning costs: bytes per parameter"."""
     from pedaPEFT import memory
 
     figure = Figure(figsize=(8, 3.6))
@@ -327,8 +320,7 @@ def lora_alpha_scaling(results: dict | None = None) -> Figure:
 
     ``results`` is ``experiments.alpha_scaling()`` (computed here, in seconds, when omitted).
 
-    Introduced in lesson 5, section "4. Why scale by $\\alpha/r$?".
-    """
+    Introduced in lesson 5, section "4. Why scale by $\\alpha/r$?"."""
     import matplotlib.pyplot as plt
 
     from pedaPEFT import experiments
@@ -375,8 +367,7 @@ LORA_RESULT_FILES = {"tables": ("lora_tables", "lora_tables_reverse"),
 def lora_tables() -> Figure:
     """The LoRA paper's tables 5 and 6 in miniature on the tiny GPT, one row per task.
 
-    Introduced in lesson 5, section "8. Which weights, which rank: tables 5 and 6 in miniature".
-    """
+    Introduced in lesson 5, section "8. Which weights, which rank: tables 5 and 6 in miniature"."""
     import matplotlib.pyplot as plt
 
     from pedaPEFT import experiments
@@ -414,8 +405,7 @@ def lora_tables() -> Figure:
 def adapter_methods() -> Figure:
     """Accuracy against trainable share: full, top-layer, adapters, LoRA; one panel per task.
 
-    Introduced in lesson 4, section "5. Adapters on a downstream task".
-    """
+    Introduced in lesson 4, section "5. Adapters on a downstream task"."""
     import matplotlib.pyplot as plt
 
     from pedaPEFT import experiments
@@ -443,8 +433,7 @@ def qlora_table3(results: dict | None = None) -> Figure:
     """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8), each seed a
     dot and the mean ± standard deviation a bar (``pedaPEFT/results/qlora_table3_<task>.json``).
 
-    Introduced in lesson 9, section "5. Table 3 of the QLoRA paper, in miniature".
-    """
+    Introduced in lesson 9, section "5. Table 3 of the QLoRA paper, in miniature"."""
     from pedaPEFT import experiments
 
     if results is None:
@@ -473,8 +462,7 @@ def realtext_perplexity(results: dict | None = None) -> Figure:
     full fine-tuning, LoRA and QLoRA, mean ± standard deviation over seeds (dots), next to the
     trainable parameters of each method (``figures/data/realtext_asyncio.json``).
 
-    Introduced in lesson 11, section "6. Full fine-tuning, LoRA and QLoRA, three seeds".
-    """
+    Introduced in lesson 11, section "6. Full fine-tuning, LoRA and QLoRA, three seeds"."""
     from pedaPEFT import realtext
 
     if results is None:

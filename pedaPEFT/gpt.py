@@ -281,7 +281,10 @@ class GPT(nn.Module):
 
 
 def untie_head(model: GPT) -> None:
-    """Give the output head its own trainable copy of the (tied) embedding matrix, in place."""
+    """Give the output head its own trainable copy of the (tied) embedding matrix, in place.
+
+    Introduced in lesson 3, section "2. Three methods, three sets of trainable parameters".
+    """
     if model.lm_head.weight is model.wte.weight:
         model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
 

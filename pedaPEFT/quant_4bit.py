@@ -158,6 +158,8 @@ class QuantState:
     Without double quantization ``absmax`` holds one float32 per block. With it, ``absmax`` holds
     uint8 indices into ``nested_code``, and the float32 absmax of block ``j`` is rebuilt as
     ``nested_code[absmax[j]] * nested_absmax[j // dq_blocksize] + offset``.
+
+    Introduced in lesson 8, section "2. The second level, step by step"; used again in lesson 9.
     """
 
     packed: torch.Tensor  # uint8, shape (ceil(n/2),): element 2i in the high nibble
@@ -209,7 +211,8 @@ def quantize_4bit(
     ``dq_blocksize``, dynamic map, float32 second-level scales); ``dq_rounding`` is described in
     ``pedaPEFT.quant_double``. Works on CPU and CUDA tensors, for float32, bfloat16 and float16.
 
-    Introduced in lesson 8, section "2. The second level, step by step".
+    Introduced in lesson 7, section "4. NF4 vs FP4 vs int4: normal data and trained weights";
+    used again in lessons 8 and 9.
     """
     check_float_tensor(w, "w", check_finite=False)
     quant_type = check_quant_type(quant_type)
@@ -377,6 +380,8 @@ def fake_quantize(x: torch.Tensor, method: str = "nf4", blocksize: int = 64) -> 
     ``"nf4"``/``"fp4"``: :func:`quantize_4bit` without double quantization; ``"int4"``/
     ``"int8"``: :func:`blockwise_absmax_quantize` with 4 or 8 bits (15 or 255 levels). Every
     method uses one float32 absmax per ``blocksize`` elements. Returns float32, shape of ``x``.
+
+    Introduced in lesson 7, section "4. NF4 vs FP4 vs int4: normal data and trained weights".
     """
     if method not in FAKE_QUANT_METHODS:
         raise ValueError(f"method must be one of {FAKE_QUANT_METHODS}, got {method!r}")

@@ -74,6 +74,8 @@ def train_on_simulated_device(
     leaves free (so states are evicted for a large batch and come back after it); any other
     optimizer keeps all its states on the device. A step that does not fit raises
     :class:`DeviceOutOfMemoryError`, as a real device would fail its allocation.
+
+    Introduced in lesson 10, section "4. A memory spike, simulated".
     """
     if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) \
             or capacity_bytes < 1:

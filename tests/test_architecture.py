@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pedaPEFT"
 MAX_LINES = 500
 INTRODUCED = re.compile(r"Introduced in lesson (\d+)(,\s+section\s+\"(.+?)\"[.;])?", re.DOTALL)
+PROSE_REFERENCE = re.compile(r"`(?:pedaPEFT\.)?(\w+)\.(\w+)")  # `quant.nf4_code` in markdown
 
 
 def contract_layers() -> list[str]:
@@ -126,11 +127,13 @@ def definitions(module: str) -> dict[str, tuple[str, str]]:
 def lesson_uses() -> dict[tuple[str, str], set[int]]:
     """``{(defining module, name): lessons}`` for every public function or class of the package
     that a lesson script uses: ``module.name`` on a module of ``from pedaPEFT import module``,
-    or ``from pedaPEFT.module import name``."""
+    ``from pedaPEFT.module import name``, or a `` `module.name` `` its text refers the reader to."""
     uses: dict[tuple[str, str], set[int]] = {}
     for script in sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py")):
-        tree = ast.parse(script.read_text())
+        text = script.read_text()
+        tree = ast.parse(text)
         modules, names = {}, []
+        names += PROSE_REFERENCE.findall("\n".join(re.findall(r"^#.*$", text, re.MULTILINE)))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module == "pedaPEFT":
                 modules |= {a.asname or a.name: a.name for a in node.names}
