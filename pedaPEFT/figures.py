@@ -320,7 +320,7 @@ def lora_alpha_scaling(results: dict | None = None) -> Figure:
 
     ``results`` is ``experiments.alpha_scaling()`` (computed here, in seconds, when omitted).
 
-    Introduced in lesson 5, section "4. Why scale by $\\alpha/r$?"."""
+    Introduced in lesson 5, section "4. Why scale by $\\\\alpha/r$?"."""
     import matplotlib.pyplot as plt
 
     from pedaPEFT import experiments

@@ -90,6 +90,7 @@ def lesson_pointers() -> list[tuple[str, int, str | None]]:
                 continue
             for m in INTRODUCED.finditer(ast.get_docstring(node) or ""):
                 section = None if m.group(3) is None else " ".join(m.group(3).split())
+                section = section and section.replace("\\\\", "\\")  # reST writes a backslash as \\
                 found.append((f"{path.name}:{getattr(node, 'name', '')}", int(m.group(1)), section))
     return found
 
