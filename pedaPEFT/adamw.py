@@ -100,6 +100,8 @@ def adamw_update(
 
     ``steps[i]`` is the step number t of tensor i after this step (1 on the first step). The
     operations and their order are those of ``torch.optim.AdamW``, so results agree bit for bit.
+
+    Introduced in lesson 10, section "1. What AdamW keeps, and why it can be updated in slices".
     """
     if not params:
         return

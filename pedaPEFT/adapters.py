@@ -117,7 +117,10 @@ class BottleneckAdapter(nn.Module):
 
 
 class WithAdapter(nn.Module):
-    """Runs ``base_layer`` and then a :class:`BottleneckAdapter` on its output."""
+    """Runs ``base_layer`` and then a :class:`BottleneckAdapter` on its output.
+
+    Introduced in lesson 4, section "Exercises".
+    """
 
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter) -> None:
         super().__init__()

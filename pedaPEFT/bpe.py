@@ -42,7 +42,10 @@ def words(text: str) -> list[str]:
 
 
 def merge_pair(tokens: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """``tokens`` with each non-overlapping ``pair``, left to right, replaced by ``new_id``."""
+    """``tokens`` with each non-overlapping ``pair``, left to right, replaced by ``new_id``.
+
+    Introduced in lesson 11, section "2. Tokens: byte-pair encoding".
+    """
     out, i = [], 0
     while i < len(tokens):
         if i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair:
@@ -59,6 +62,8 @@ def train(texts: Iterable[str], vocab_size: int) -> list[tuple[int, int]]:
 
     Pair counts are kept up to date word by word instead of recounted after every merge, and
     a heap finds the most frequent pair (entries that went stale are skipped when popped).
+
+    Introduced in lesson 11, section "2. Tokens: byte-pair encoding".
     """
     if not isinstance(vocab_size, int) or vocab_size < N_BYTES:
         raise ValueError(f"vocab_size must be an integer >= {N_BYTES}, got {vocab_size!r}")

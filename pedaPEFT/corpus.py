@@ -51,11 +51,19 @@ def _check_domain(domain: str) -> str:
 
 @cache
 def load() -> dict:
-    """The frozen corpus: ``{"python_version": ..., "documents": [{"id", "kind", "text"}]}``."""
+    """The frozen corpus: ``{"python_version": ..., "documents": [{"id", "kind", "text"}]}``.
+
+    Introduced in lesson 11, section "1. The corpus: Python's documentation, frozen".
+    """
     return json.loads(lzma.decompress((TEXTS / "pydocs.json.xz").read_bytes()))
 
 
 def documents() -> list[dict[str, str]]:
+    """Every document of the frozen corpus, in corpus order: dicts with ``id``, ``kind`` and
+    ``text``.
+
+    Introduced in lesson 11, section "1. The corpus: Python's documentation, frozen".
+    """
     return load()["documents"]
 
 
@@ -71,7 +79,10 @@ def split_of(doc_id: str, domain: str = "asyncio") -> str:
 
 
 def split_texts(split: str, domain: str = "asyncio") -> list[str]:
-    """The texts of the documents in ``split``, in corpus order."""
+    """The texts of the documents in ``split``, in corpus order.
+
+    Introduced in lesson 11, section "1. The corpus: Python's documentation, frozen".
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return [d["text"] for d in documents() if split_of(d["id"], domain) == split]
@@ -79,7 +90,10 @@ def split_texts(split: str, domain: str = "asyncio") -> list[str]:
 
 @cache
 def tokenizer() -> Tokenizer:
-    """The shipped BPE (``texts/pydocs_bpe.json``), trained by ``train_tokenizer()``."""
+    """The shipped BPE (``texts/pydocs_bpe.json``), trained by ``train_tokenizer()``.
+
+    Introduced in lesson 11, section "2. Tokens: byte-pair encoding".
+    """
     with resources.as_file(TEXTS / "pydocs_bpe.json") as path:
         return Tokenizer.load(path)
 
@@ -93,7 +107,10 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
 
 @cache
 def tokens(split: str, domain: str = "asyncio") -> torch.Tensor:
-    """The documents of ``split`` encoded one after another, as one int64 stream."""
+    """The documents of ``split`` encoded one after another, as one int64 stream.
+
+    Introduced in lesson 11, section "1. The corpus: Python's documentation, frozen".
+    """
     encode = tokenizer().encode
     return torch.tensor([i for text in split_texts(split, domain) for i in encode(text)],
                         dtype=torch.long)
@@ -116,7 +133,10 @@ def batch(stream: torch.Tensor, step: int, batch_size: int, block_size: int,
 def perplexity(model: nn.Module, stream: torch.Tensor, block_size: int | None = None,
                batch_size: int = 16) -> float:
     """exp(mean cross-entropy) of ``model`` on ``stream``, read in consecutive windows of
-    ``block_size`` tokens (the model's context by default), each predicting its next tokens."""
+    ``block_size`` tokens (the model's context by default), each predicting its next tokens.
+
+    Introduced in lesson 11, section "3. Perplexity, and the number to beat".
+    """
     block_size = block_size or model.config.block_size
     device = next(model.parameters()).device
     n_windows = (stream.numel() - 1) // block_size
@@ -137,7 +157,10 @@ def perplexity(model: nn.Module, stream: torch.Tensor, block_size: int | None = 
 
 def unigram_perplexity(train_stream: torch.Tensor, stream: torch.Tensor,
                        vocab_size: int = VOCAB_SIZE) -> float:
-    """Perplexity on ``stream`` of add-one-smoothed token frequencies of ``train_stream``."""
+    """Perplexity on ``stream`` of add-one-smoothed token frequencies of ``train_stream``.
+
+    Introduced in lesson 11, section "3. Perplexity, and the number to beat".
+    """
     counts = Counter(train_stream.tolist())
     total = train_stream.numel() + vocab_size
     log_p = sum(math.log((counts[i] + 1) / total) for i in stream[1:].tolist())

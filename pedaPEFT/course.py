@@ -27,6 +27,8 @@ def check_version(written_for: str) -> None:
 
     Compatible means: same major version, and installed >= written_for. The error is one line
     that says which version to install and how.
+
+    Introduced in lesson 1, section "Lesson 1 — Matrix rank"; used again in lessons 2-11.
     """
     wanted, installed = _parse(written_for), _parse(pedaPEFT.__version__)
     if installed[0] != wanted[0] or installed < wanted:
@@ -42,6 +44,8 @@ def seed_everything(seed: int) -> None:
 
     Lessons also make their own ``np.random.default_rng(seed)`` where they need one; this call
     fixes everything that draws from the global state (``torch.randn``, module initialisers).
+
+    Introduced in lesson 1, section "Lesson 1 — Matrix rank"; used again in lessons 2-11.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")

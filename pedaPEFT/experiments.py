@@ -410,7 +410,7 @@ def alpha_scaling(
     ``ranks[i]``.  ``losses[rule][r][j]``: MSE after ``sweep_steps`` steps at ``lrs[j]``
     (rules ``alpha/r`` and ``none``).  At r = α = 8 all rules coincide.
 
-    Introduced in lesson 5, section "4. Why scale by $\\alpha/r$?".
+    Introduced in lesson 5, section "4. Why scale by $\\\\alpha/r$?".
     """
     task = linalg.planted_update_task(d_out=64, d_in=96, update_rank=4, n_samples=256, seed=0)
     norms = {

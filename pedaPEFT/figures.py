@@ -89,7 +89,8 @@ def sample_photograph():
     The RGB values (0–255) are mixed with the ITU-R BT.601 luma weights 0.299, 0.587, 0.114
     and scaled to [0, 1]. The file is part of matplotlib's installed sample data: nothing is
     downloaded.
-    """
+
+    Introduced in lesson 2, section "4. A photograph at low rank"."""
     import matplotlib.cbook
     import matplotlib.image
     import numpy as np
@@ -101,7 +102,9 @@ def sample_photograph():
 
 @register("rank_parameter_counts")
 def rank_parameter_counts() -> Figure:
-    """Numbers stored for an n × n matrix: dense n² against a rank-r factorization 2rn."""
+    """Numbers stored for an n × n matrix: dense n² against a rank-r factorization 2rn.
+
+    Introduced in lesson 1, section "6. From $n^2$ to $2rn$"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -134,7 +137,10 @@ def rank_parameter_counts() -> Figure:
 
 @register("rank_near_tolerance")
 def rank_near_tolerance() -> Figure:
-    """Pivot versus smallest singular value of [[1, 1], [1, 1 + d]] against a tolerance 1e-3."""
+    """Pivot versus smallest singular value of [[1, 1], [1, 1 + d]] against a tolerance 1e-3.
+
+    Introduced in lesson 1,
+    section "Why the SVD rank and the row-reduction rank can differ near the tolerance"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -180,7 +186,9 @@ def _photograph_svd():
 
 @register("svd_photo_reconstructions")
 def svd_photo_reconstructions() -> Figure:
-    """The sample photograph and its best rank-k approximations, with size and error."""
+    """The sample photograph and its best rank-k approximations, with size and error.
+
+    Introduced in lesson 2, section "4. A photograph at low rank"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -205,7 +213,9 @@ def svd_photo_reconstructions() -> Figure:
 
 @register("svd_photo_spectrum")
 def svd_photo_spectrum() -> Figure:
-    """Singular values of the photograph and the Eckart–Young error of its truncations."""
+    """Singular values of the photograph and the Eckart–Young error of its truncations.
+
+    Introduced in lesson 2, section "4. A photograph at low rank"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -235,7 +245,9 @@ def svd_photo_spectrum() -> Figure:
 
 @register("weight_update_spectrum")
 def weight_update_spectrum() -> Figure:
-    """Singular values of a pretrained weight and of its fine-tuning update (planted rank 3)."""
+    """Singular values of a pretrained weight and of its fine-tuning update (planted rank 3).
+
+    Introduced in lesson 2, section "6. Why a weight *update* can have low intrinsic rank"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -272,7 +284,9 @@ FINETUNE_MEMORY_SETTINGS = (  # label, finetune_memory keyword arguments for one
 
 @register("finetune_memory_per_parameter")
 def finetune_memory_per_parameter() -> Figure:
-    """Bytes per parameter of full fine-tuning by component, from ``memory.finetune_memory``."""
+    """Bytes per parameter of full fine-tuning by component, from ``memory.finetune_memory``.
+
+    Introduced in lesson 3, section "4. What full fine-tuning costs: bytes per parameter"."""
     from pedaPEFT import memory
 
     figure = Figure(figsize=(8, 3.6))
@@ -305,7 +319,8 @@ def lora_alpha_scaling(results: dict | None = None) -> Figure:
     """Why α/r: update size at one learning rate, and loss against learning rate, per rank r.
 
     ``results`` is ``experiments.alpha_scaling()`` (computed here, in seconds, when omitted).
-    """
+
+    Introduced in lesson 5, section "4. Why scale by $\\\\alpha/r$?"."""
     import matplotlib.pyplot as plt
 
     from pedaPEFT import experiments
@@ -350,7 +365,9 @@ LORA_RESULT_FILES = {"tables": ("lora_tables", "lora_tables_reverse"),
 
 @register("lora_tables")
 def lora_tables() -> Figure:
-    """The LoRA paper's tables 5 and 6 in miniature on the tiny GPT, one row per task."""
+    """The LoRA paper's tables 5 and 6 in miniature on the tiny GPT, one row per task.
+
+    Introduced in lesson 5, section "8. Which weights, which rank: tables 5 and 6 in miniature"."""
     import matplotlib.pyplot as plt
 
     from pedaPEFT import experiments
@@ -386,7 +403,9 @@ def lora_tables() -> Figure:
 
 @register("adapter_methods")
 def adapter_methods() -> Figure:
-    """Accuracy against trainable share: full, top-layer, adapters, LoRA; one panel per task."""
+    """Accuracy against trainable share: full, top-layer, adapters, LoRA; one panel per task.
+
+    Introduced in lesson 4, section "5. Adapters on a downstream task"."""
     import matplotlib.pyplot as plt
 
     from pedaPEFT import experiments
@@ -412,7 +431,9 @@ def adapter_methods() -> Figure:
 @register("qlora_table3")
 def qlora_table3(results: dict | None = None) -> Figure:
     """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8), each seed a
-    dot and the mean ± standard deviation a bar (``pedaPEFT/results/qlora_table3_<task>.json``)."""
+    dot and the mean ± standard deviation a bar (``pedaPEFT/results/qlora_table3_<task>.json``).
+
+    Introduced in lesson 9, section "5. Table 3 of the QLoRA paper, in miniature"."""
     from pedaPEFT import experiments
 
     if results is None:
@@ -439,7 +460,9 @@ def qlora_table3(results: dict | None = None) -> Figure:
 def realtext_perplexity(results: dict | None = None) -> Figure:
     """Lesson 11: held-out-domain perplexity of the pydocs base before (grey line) and after
     full fine-tuning, LoRA and QLoRA, mean ± standard deviation over seeds (dots), next to the
-    trainable parameters of each method (``figures/data/realtext_asyncio.json``)."""
+    trainable parameters of each method (``figures/data/realtext_asyncio.json``).
+
+    Introduced in lesson 11, section "6. Full fine-tuning, LoRA and QLoRA, three seeds"."""
     from pedaPEFT import realtext
 
     if results is None:

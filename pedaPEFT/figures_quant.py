@@ -12,7 +12,8 @@ def paged_spike_memory(demo=None) -> Figure:  # noqa: ANN001 (a SpikeDemo or Non
 
     ``demo`` is a ``simulated_device.spike_demo()`` result (the lesson passes its own); run
     when None.
-    """
+
+    Introduced in lesson 10, section "4. A memory spike, simulated"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -51,7 +52,9 @@ QUANT_BLOCKSIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
 
 def quant_error_vs_blocksize() -> Figure:
-    """Absmax int8 / int4 round-trip error against blocksize on normal data with outliers."""
+    """Absmax int8 / int4 round-trip error against blocksize on normal data with outliers.
+
+    Introduced in lesson 6, section "5. Error against blocksize"."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -89,7 +92,9 @@ def quant_error_vs_blocksize() -> Figure:
 
 
 def nf4_levels_density() -> Figure:
-    """The 16 NF4 levels over the standard normal density, with FP4 and int4 for comparison."""
+    """The 16 NF4 levels over the standard normal density, with FP4 and int4 for comparison.
+
+    Introduced in lesson 7, section "3. The levels over the normal density"."""
     import matplotlib.pyplot as plt
     import numpy as np
     from scipy.stats import norm
@@ -121,7 +126,9 @@ def nf4_levels_density() -> Figure:
 
 
 def quant_4bit_error_comparison() -> Figure:
-    """NF4 vs FP4 vs int4 (blocksize 64) on normal data and on the tiny GPT's trained weights."""
+    """NF4 vs FP4 vs int4 (blocksize 64) on normal data and on the tiny GPT's trained weights.
+
+    Introduced in lesson 7, section "4. NF4 vs FP4 vs int4: normal data and trained weights"."""
     import matplotlib.pyplot as plt
     import numpy as np
     import torch
@@ -158,7 +165,9 @@ def quant_4bit_error_comparison() -> Figure:
 
 
 def double_quant_absmax() -> Figure:
-    """The signed 8-bit dynamic map, and how well it rebuilds a 4096 x 4096 weight's absmax."""
+    """The signed 8-bit dynamic map, and how well it rebuilds a 4096 x 4096 weight's absmax.
+
+    Introduced in lesson 8, section "2. The second level, step by step"."""
     import matplotlib.pyplot as plt
     import numpy as np
     import torch

@@ -26,10 +26,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -163,6 +163,10 @@ def read_tensors(file: Path, expected: dict[str, tuple[tuple[int, ...], torch.dt
     the tensors are read and every float one must be finite. Raises ``ValueError`` naming the
     file and the key.
     """
+    import torch  # here, not at the top: writing files needs neither torch nor safetensors
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     try:
         with safe_open(str(file), framework="pt") as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}

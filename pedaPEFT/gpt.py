@@ -60,7 +60,11 @@ output projection ``proj`` of every block."""
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Shape of a GPT. ``dropout`` is applied to attention weights and residual branches."""
+    """Shape of a GPT. ``dropout`` is applied to attention weights and residual branches.
+
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lessons 5 and 10.
+    """
 
     vocab_size: int = 48
     block_size: int = 16
@@ -277,7 +281,10 @@ class GPT(nn.Module):
 
 
 def untie_head(model: GPT) -> None:
-    """Give the output head its own trainable copy of the (tied) embedding matrix, in place."""
+    """Give the output head its own trainable copy of the (tied) embedding matrix, in place.
+
+    Introduced in lesson 3, section "2. Three methods, three sets of trainable parameters".
+    """
     if model.lm_head.weight is model.wte.weight:
         model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
 
@@ -397,8 +404,10 @@ def pretrained_info(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR
 
 
 def linear_weights(preset: str = "tiny") -> list[torch.Tensor]:
-    """The weight matrices of every ``ALL_LINEAR`` layer of a shipped pretrained GPT (lesson 7,
-    "NF4 on real weights")."""
+    """The weight matrices of every ``ALL_LINEAR`` layer of a shipped pretrained GPT.
+
+    Introduced in lesson 7, section "4. NF4 vs FP4 vs int4: normal data and trained weights".
+    """
     model = load_pretrained(preset)
     return [module.weight.detach() for name, module in model.named_modules()
             if name.split(".")[-1] in ALL_LINEAR]

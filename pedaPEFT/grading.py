@@ -35,6 +35,8 @@ from pathlib import Path
 
 import nbformat
 
+from pedaPEFT.files import atomic_write_text
+
 CELL_TIMEOUT_S = 120
 NOTEBOOK_TIMEOUT_S = 900
 CHECK_CALL = re.compile(r"exercises\.check\(\s*[\"']([0-9]{2}-[\w-]+)[\"']")
@@ -193,25 +195,12 @@ def summary_markdown(grades: list[NotebookGrade]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def write_gradebook(grades: list[NotebookGrade], out: Path) -> tuple[Path, Path]:
     """Write ``out`` (CSV) and the Markdown summary beside it (``.md``); return both paths."""
     out = Path(out)
     summary = out.with_suffix(".md")
-    _write_atomically(out, gradebook_csv(grades))
-    _write_atomically(summary, summary_markdown(grades))
+    atomic_write_text(out, gradebook_csv(grades))
+    atomic_write_text(summary, summary_markdown(grades))
     return out, summary
 
 

@@ -210,6 +210,8 @@ def gpt_activation_bytes(config, batch_size: int, seq_len: int | None = None,
 
     Exact for the eager CPU run (tested with ``saved_tensor_bytes``); on a GPU the same
     tensors are kept, and the allocator's rounding and workspaces come on top.
+
+    Introduced in lesson 3, section "Checking the accounting against real tensors".
     """
     T = config.block_size if seq_len is None else seq_len
     for name, value in (("batch_size", batch_size), ("seq_len", T)):

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+
+from pedaPEFT.files import atomic_write_text
 
 ENV_VARIABLE = "PEDAPEFT_PROGRESS_FILE"
 STATES = ("passed", "failed", "stub")
@@ -57,19 +58,6 @@ def load(path: Path | None = None) -> dict[str, dict]:
             if isinstance(key, str) and isinstance(value, dict) and value.get("last") in STATES}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".progress-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def _set_aside_if_unreadable(path: Path) -> None:
     try:
         json.loads(path.read_text(encoding="utf-8"))
@@ -98,7 +86,7 @@ def record(exercise_id: str, state: str, hint: str = "", path: Path | None = Non
         entry["passed_once"] = bool(entry.get("passed_once")) or state == "passed"
         entry["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         exercises[exercise_id] = entry
-        _write_atomically(path, json.dumps({"version": 1, "exercises": exercises}, indent=1,
+        atomic_write_text(path, json.dumps({"version": 1, "exercises": exercises}, indent=1,
                                            sort_keys=True) + "\n")
     except OSError:
         return False

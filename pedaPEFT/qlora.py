@@ -54,6 +54,8 @@ class QLoRALinear(nn.Module):
     ``lora_B`` (out, r), ``lora_dropout``, ``scaling``. Initialisation, the LoRA branch and
     ``ΔW`` are ``lora.LoRALinear``'s own methods, so the conventions live in one place. ``A`` and
     ``B`` are kept in the base's compute dtype.
+
+    Introduced in lesson 9, section "1. One layer, stored in 4 bits".
     """
 
     reset_lora_parameters = lora.LoRALinear.reset_lora_parameters

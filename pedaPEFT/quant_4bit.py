@@ -76,6 +76,8 @@ def nf4_code() -> torch.Tensor:
     Built like bitsandbytes' ``create_normal_map(0.9677083, use_extra_value=True)``; the
     probabilities are float32 (``torch.linspace``), which makes the table equal bitsandbytes'
     bit for bit.
+
+    Introduced in lesson 7, section "2. The lecture's five steps".
     """
     from scipy.stats import norm  # imported here: scipy.stats is slow to import
 
@@ -98,6 +100,8 @@ def fp4_code() -> torch.Tensor:
     Bit 3 is the sign; the 3 low bits index the magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3}
     (an E2M1-like format with a subnormal 0.0625), divided by 12 so the largest is 1.
     Nibble 8 decodes to -0.0.
+
+    Introduced in lesson 7, section "3. The levels over the normal density".
     """
     magnitudes = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0])
     return torch.cat([magnitudes, -magnitudes]) / 12.0
@@ -154,6 +158,8 @@ class QuantState:
     Without double quantization ``absmax`` holds one float32 per block. With it, ``absmax`` holds
     uint8 indices into ``nested_code``, and the float32 absmax of block ``j`` is rebuilt as
     ``nested_code[absmax[j]] * nested_absmax[j // dq_blocksize] + offset``.
+
+    Introduced in lesson 8, section "2. The second level, step by step"; used again in lesson 9.
     """
 
     packed: torch.Tensor  # uint8, shape (ceil(n/2),): element 2i in the high nibble
@@ -204,6 +210,9 @@ def quantize_4bit(
     ``double_quant`` the absmax values are then quantized to 8 bits (mean subtracted, blocks of
     ``dq_blocksize``, dynamic map, float32 second-level scales); ``dq_rounding`` is described in
     ``pedaPEFT.quant_double``. Works on CPU and CUDA tensors, for float32, bfloat16 and float16.
+
+    Introduced in lesson 7, section "4. NF4 vs FP4 vs int4: normal data and trained weights";
+    used again in lessons 8 and 9.
     """
     check_float_tensor(w, "w", check_finite=False)
     quant_type = check_quant_type(quant_type)
@@ -351,6 +360,8 @@ def dequantize_4bit(state: QuantState) -> torch.Tensor:
 
     The formula as written, for reading and testing; ``pedaPEFT.kernels`` computes the same
     values fast (a CPU byte table, a fused CUDA kernel) for the QLoRA layer.
+
+    Introduced in lesson 8, section "5. What DQ costs in accuracy"; used again in lesson 9.
     """
     check_state(state)
     nibbles = unpack_4bit(state.packed.reshape(-1), state.numel)  # (n,) uint8, 0..15
@@ -369,6 +380,8 @@ def fake_quantize(x: torch.Tensor, method: str = "nf4", blocksize: int = 64) -> 
     ``"nf4"``/``"fp4"``: :func:`quantize_4bit` without double quantization; ``"int4"``/
     ``"int8"``: :func:`blockwise_absmax_quantize` with 4 or 8 bits (15 or 255 levels). Every
     method uses one float32 absmax per ``blocksize`` elements. Returns float32, shape of ``x``.
+
+    Introduced in lesson 7, section "4. NF4 vs FP4 vs int4: normal data and trained weights".
     """
     if method not in FAKE_QUANT_METHODS:
         raise ValueError(f"method must be one of {FAKE_QUANT_METHODS}, got {method!r}")
@@ -382,8 +395,10 @@ def fake_quantize(x: torch.Tensor, method: str = "nf4", blocksize: int = 64) -> 
 
 
 def four_bit_errors(weights: dict, blocksize: int = 64) -> dict:
-    """Relative RMS round-trip error (%) of NF4, FP4 and int4 on each named list of tensors
-    (lesson 7, "NF4 on real weights")."""
+    """Relative RMS round-trip error (%) of NF4, FP4 and int4 on each named list of tensors.
+
+    Introduced in lesson 7, section "4. NF4 vs FP4 vs int4: normal data and trained weights".
+    """
     errors = {}
     for name, tensors in weights.items():
         errors[name] = {}

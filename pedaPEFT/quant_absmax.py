@@ -89,6 +89,8 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
     ``q`` lies in ``[-(2^(bits-1)-1), 2^(bits-1)-1]`` (for int8: [-127, 127]). An all-zero
     tensor gets ``c = 1`` (any scale reproduces it). Returns ``(q, c)``: ``q`` is int8 with the
     shape of ``x``, ``c`` a float32 scalar tensor. Invert with :func:`absmax_dequantize`.
+
+    Introduced in lesson 6, section "2. Absmax quantization, the formula corrected".
     """
     check_float_tensor(x, "x")
     q, scale = blockwise_absmax_quantize(x, bits=bits, blocksize=x.numel())
@@ -128,13 +130,14 @@ def _absmax_blocks(
 def blockwise_absmax_quantize(
     x: torch.Tensor, bits: int = 8, blocksize: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absmax quantization per block of ``blocksize`` consecutive elements (any bit width 2-8);
-    lesson 6, section "Blockwise quantization".
+    """Absmax quantization per block of ``blocksize`` consecutive elements (any bit width 2-8).
 
     The flattened tensor is cut into ``ceil(n / blocksize)`` blocks (the last may be shorter);
     block ``j`` gets its own ``c_j = (2^(bits-1) - 1) / max|x_block|`` (1 for an all-zero block)
     and ``q = round(c_j * x)``. One outlier then only coarsens its own block. Returns ``(q, c)``:
     int8 codes with the shape of ``x`` and float32 scales of shape ``(n_blocks,)``.
+
+    Introduced in lesson 6, section "4. Blockwise quantization: a scale per block".
     """
     check_float_tensor(x, "x")
     bits = check_bits(bits)
@@ -222,7 +225,10 @@ def dequantize_int8(state: Int8State) -> torch.Tensor:
 
 def normal_with_outliers(n: int = 2**20, outlier_every: int = 1000, seed: int = 0) -> torch.Tensor:
     """N(0, 1) samples where every ``outlier_every``-th value (at random places) is scaled ×20:
-    lesson 6's test data, on which one outlier spoils a whole block's scale."""
+    lesson 6's test data, on which one outlier spoils a whole block's scale.
+
+    Introduced in lesson 6, section "5. Error against blocksize".
+    """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=generator)
     where = torch.randperm(n, generator=generator)[: n // outlier_every]

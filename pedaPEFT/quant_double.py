@@ -44,6 +44,8 @@ def dynamic_code() -> torch.Tensor:
     the fraction ``f`` taking the midpoints of ``linspace(0.1, 1, 2^e + 1)`` (evenly spaced in
     (0.1, 1)); add 0 and 1. That is 127 negative values (the smallest is -0.99297, there is no
     -1), 0, and 128 positive values up to 1: fine steps near zero, coarse steps near ±1.
+
+    Introduced in lesson 8, section "2. The second level, step by step".
     """
     levels: list[float] = [0.0, 1.0]
     for e in range(7):
@@ -74,6 +76,8 @@ def quantize_blockwise_8bit(
     flattened) and float32 absmax per block. ``rounding="nearest"`` picks the exact nearest
     level; ``"cpu_lut"`` reproduces bitsandbytes' CPU kernel, which looks the value up in a
     65,536-bin table (bin ``round((s + 1) / 2 * 65535)``) instead of searching.
+
+    Introduced in lesson 8, section "2. The second level, step by step".
     """
     check_float_tensor(x, "x", check_finite=False)
     check_blocksize(blocksize)
@@ -108,7 +112,10 @@ def dequantize_blockwise_8bit(
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:
     """The float32 first-level absmax of every block (rebuilt from the 8-bit codes with DQ):
-    ``nested_code[absmax_j] * nested_absmax[j // dq_blocksize] + offset``; lesson 8."""
+    ``nested_code[absmax_j] * nested_absmax[j // dq_blocksize] + offset``.
+
+    Introduced in lesson 8, section "2. The second level, step by step".
+    """
     if not state.double_quant:
         return state.absmax.float()
     values = state.nested_code[state.absmax.long()]
@@ -128,6 +135,9 @@ def bits_per_parameter(
 
     Without double quantization: ``bits + 32 / blocksize`` (4.5 for 64). With it:
     ``bits + 8 / blocksize + 32 / (blocksize * dq_blocksize)`` (4.126953125 for 64 and 256).
+
+    Introduced in lesson 8, section "1. The arithmetic on the slide";
+    used again in lessons 9 and 10.
     """
     if double_quant:
         return bits + 8 / blocksize + 32 / (blocksize * dq_blocksize)

@@ -168,7 +168,10 @@ def results_path() -> Path:
 
 
 def load_results() -> dict:
-    """The committed full-scale results, shipped with the package."""
+    """The committed full-scale results, shipped with the package.
+
+    Introduced in lesson 11, section "6. Full fine-tuning, LoRA and QLoRA, three seeds".
+    """
     return course_files.load_shipped_results(
         f"{RESULTS_NAME}.json",
         "python -m pedaPEFT realtext-experiment --scale full "

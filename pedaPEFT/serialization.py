@@ -100,6 +100,8 @@ def save_lora_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     Only the LoRA tensors are saved (``r·(in+out)`` numbers per layer), under PEFT's key names,
     so PEFT's ``PeftModel.from_pretrained`` can load them into the same base model.
     ``target_modules`` lists the full module names, which match exactly under PEFT's rule.
+
+    Introduced in lesson 5, section "5. Merging: zero inference cost".
     """
     directory = Path(path)
     config = adapter_config_dict(model)
@@ -315,6 +317,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     Every tensor of ``model.state_dict()`` is saved (packed codes and scales, not dense
     weights, for the quantized layers; tied tensors once) with each QLoRA layer's format, so
     :func:`load_quantized` can rebuild the layers on a freshly built dense model.
+
+    Introduced in lesson 9, section "8. Merging for inference".
     """
     directory = Path(path)
     formats = _formats(model)

@@ -74,6 +74,8 @@ def train_on_simulated_device(
     leaves free (so states are evicted for a large batch and come back after it); any other
     optimizer keeps all its states on the device. A step that does not fit raises
     :class:`DeviceOutOfMemoryError`, as a real device would fail its allocation.
+
+    Introduced in lesson 10, section "4. A memory spike, simulated".
     """
     if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) \
             or capacity_bytes < 1:
@@ -140,6 +142,8 @@ def spike_demo(preset: str = "tiny", normal_batch: int = 8, spike_batch: int = 1
     The device holds weights, gradients, every AdamW state and the activations of a normal
     batch plus a quarter: ``capacity = 2·W + S + 1.25·A(normal)``, W the weight bytes, S the
     state bytes (2·W for fp32). A spike batch needs more than that unless states leave.
+
+    Introduced in lesson 10, section "4. A memory spike, simulated".
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread, rather than waiting on busy cores

@@ -62,6 +62,8 @@ def finetune_text(
     Trains on windows of ``block_size`` tokens (default: the model's context) drawn from the
     ``domain-train`` documents and scores perplexity on the unseen ``domain-test`` documents,
     read in windows of the same length, before and after.
+
+    Introduced in lesson 11, section "5. Fine-tuning on the unseen domain, live".
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")

@@ -1,6 +1,7 @@
 """The package's layers (ARCHITECTURE.md) hold: import-linter's contract, every module placed
 in it, no module over 500 lines, and the fine-tuning registry complete on import. Docstrings
-that point to a lesson name a section heading that exists in that lesson's script."""
+that point to a lesson name a section heading that exists in that lesson's script, and every
+public function or class a lesson uses points to its lesson."""
 
 import ast
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pedaPEFT"
 MAX_LINES = 500
 INTRODUCED = re.compile(r"Introduced in lesson (\d+)(,\s+section\s+\"(.+?)\"[.;])?", re.DOTALL)
+PROSE_REFERENCE = re.compile(r"`(?:pedaPEFT\.)?(\w+)\.(\w+)")  # `quant.nf4_code` in markdown
 
 
 def contract_layers() -> list[str]:
@@ -87,6 +90,7 @@ def lesson_pointers() -> list[tuple[str, int, str | None]]:
                 continue
             for m in INTRODUCED.finditer(ast.get_docstring(node) or ""):
                 section = None if m.group(3) is None else " ".join(m.group(3).split())
+                section = section and section.replace("\\\\", "\\")  # reST writes a backslash as \\
                 found.append((f"{path.name}:{getattr(node, 'name', '')}", int(m.group(1)), section))
     return found
 
@@ -101,3 +105,64 @@ def test_lesson_pointers_name_a_section_of_that_lesson():
         f"these docstrings name no heading of their lesson's script: {wrong}; write "
         '\'Introduced in lesson N, section "<heading as in lessons/NN_*.py>".\''
     )
+
+
+@cache
+def definitions(module: str) -> dict[str, tuple[str, str]]:
+    """``{name: (defining module, docstring)}`` for the top-level functions and classes of
+    ``pedaPEFT/<module>.py``, and for those it imports from another pedaPEFT module (so that
+    ``quant.nf4_code`` is traced to ``quant_4bit``)."""
+    path = PACKAGE / f"{module}.py"
+    if not path.exists():
+        return {}
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            found[node.name] = (module, ast.get_docstring(node) or "")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pedaPEFT."):
+            source = definitions(node.module.removeprefix("pedaPEFT."))
+            found |= {a.asname or a.name: source[a.name] for a in node.names if a.name in source}
+    return found
+
+
+def lesson_uses() -> dict[tuple[str, str], set[int]]:
+    """``{(defining module, name): lessons}`` for every public function or class of the package
+    that a lesson script uses: ``module.name`` on a module of ``from pedaPEFT import module``,
+    ``from pedaPEFT.module import name``, or a `` `module.name` `` its text refers the reader to."""
+    uses: dict[tuple[str, str], set[int]] = {}
+    for script in sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py")):
+        text = script.read_text()
+        tree = ast.parse(text)
+        modules, names = {}, []
+        names += PROSE_REFERENCE.findall("\n".join(re.findall(r"^#.*$", text, re.MULTILINE)))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "pedaPEFT":
+                modules |= {a.asname or a.name: a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pedaPEFT."):
+                names += [(node.module.removeprefix("pedaPEFT."), a.name) for a in node.names]
+        names += [(modules[node.value.id], node.attr) for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in modules]
+        for module, name in names:
+            if not name.startswith("_") and name in definitions(module):
+                defining, _ = definitions(module)[name]
+                uses.setdefault((defining, name), set()).add(int(script.name[:2]))
+    return uses
+
+
+def test_every_function_a_lesson_uses_points_to_its_lesson():
+    uses = lesson_uses()
+    assert ("quant_4bit", "nf4_code") in uses and ("exercises", "check") in uses, (
+        "the scan of the lessons no longer sees their calls into the package")
+    missing, late = [], []
+    for (module, name), lessons in sorted(uses.items()):
+        pointer = INTRODUCED.search(definitions(module)[name][1])
+        if pointer is None or pointer.group(3) is None:
+            missing.append(f"{module}.{name} (lessons {sorted(lessons)})")
+        elif int(pointer.group(1)) > min(lessons):
+            late.append(f"{module}.{name} says lesson {pointer.group(1)}, used in {min(lessons)}")
+    assert not missing, (
+        f"these are used by lessons but their docstrings do not say where: {missing}; end each "
+        'with \'Introduced in lesson N, section "<heading as in lessons/NN_*.py>".\''
+    )
+    assert not late, f"these point to a lesson after the first one that uses them: {late}"
