@@ -64,7 +64,7 @@ def check(exercise_id: str, answer: Any) -> None:
         ExerciseError: the answer is a stub or wrong; the message ends with ``Hint: ...``.
         ValueError: ``exercise_id`` names no exercise.
 
-    Introduced in lesson 1, section "Exercises"; used again in lessons 2-10.
+    Introduced in lesson 1, section "Exercises"; used again in lessons 2-11.
     """
     from pedaPEFT.exercise_bank import EXERCISES
 
@@ -126,10 +126,7 @@ def _finite_expected(expected: Any) -> float:
 
 
 def check_integer(value: Any, expected: int, name: str, hint: str = "") -> None:
-    """Pass if ``value`` is an integer (Python or NumPy) equal to ``expected``.
-
-    Introduced in lesson 11, section "Exercises".
-    """
+    """Pass if ``value`` is an integer (Python or NumPy) equal to ``expected``."""
     _require_filled(value, name, hint)
     if isinstance(expected, bool) or not isinstance(expected, (int, np.integer)):
         raise ValueError(f"expected must be an integer, got {expected!r}")
@@ -150,8 +147,6 @@ def check_number(
     """Pass if ``value`` is finite and |value - expected| <= atol + rtol·|expected|.
 
     ``expected`` must itself be finite (a NaN would make every answer pass).
-
-    Introduced in lesson 11, section "Exercises".
     """
     _require_filled(value, name, hint)
     target = _finite_expected(expected)
@@ -238,8 +233,6 @@ def check_function(
     (a float64 result against a float32 reference, say), the default comparison decides. A
     failing case is reported by its number and argument shapes, not its expected output;
     an exception raised by the function or the comparison becomes a hint, not a traceback.
-
-    Introduced in lesson 11, section "Exercises".
     """
     _require_filled(function, name, hint)
     if not callable(function):

@@ -170,7 +170,8 @@ def results_path() -> Path:
 def load_results() -> dict:
     """The committed full-scale results, shipped with the package.
 
-    Introduced in lesson 11, section "6. Full fine-tuning, LoRA and QLoRA, three seeds".
+    Introduced in lesson 5, section "8. Which weights, which rank: tables 5 and 6 in miniature";
+    used again in lesson 11, section "6. Full fine-tuning, LoRA and QLoRA, three seeds".
     """
     return course_files.load_shipped_results(
         f"{RESULTS_NAME}.json",
