@@ -166,6 +166,22 @@ def command_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_site(args: argparse.Namespace) -> int:
+    import time
+
+    from pedaPEFT import site
+
+    start = time.perf_counter()
+    try:
+        pages = site.build(Path(args.out))
+    except (ValueError, site.SiteError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(pages)} pages to {args.out} ({time.perf_counter() - start:.0f} s); "
+          f"open {Path(args.out) / 'index.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pedaPEFT",
@@ -206,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="only report drift between scripts and notebooks"
     )
     lessons.set_defaults(run=command_lessons)
+
+    site = commands.add_parser(
+        "site", help="build the course website (static HTML) from the stored notebooks"
+    )
+    site.add_argument("--out", default="_site", help="output folder (default: _site)")
+    site.set_defaults(run=command_site)
 
     lora_experiment = commands.add_parser(
         "lora-experiment", help="fine-tuning sweeps of lessons 4-5 (adapters, LoRA tables 5-6)"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pedaPEFT import lora
+from pedaPEFT import fused_gemm, lora
 from pedaPEFT.gpt import ALL_LINEAR
 from pedaPEFT.quant_linear import (
     BASE_QUANT_TYPES,
@@ -112,6 +112,8 @@ class QLoRALinear(nn.Module):
         return self.base_layer.compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_gemm.applies(self, x):  # one autograd node for base + LoRA (fused_gemm)
+            return fused_gemm.qlora_forward(self, x)
         x_c = x.to(self.compute_dtype)  # (..., in)
         return (self.base_layer(x_c) + self.lora_output(x_c)).to(x.dtype)  # (..., out)
 

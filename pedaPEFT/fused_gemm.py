@@ -1,0 +1,373 @@
+"""A QLoRA layer in one autograd Function, with the 4-bit weight dequantized inside the GEMM.
+
+Notation: ``x`` (M, K) the input rows, ``W`` (N, K) the frozen weight stored as blockwise 4-bit
+codes (``pedaPEFT.kernels`` gives the dequantization formula: ``w[i] = code[nibble_i] ·
+absmax_f32[i // blocksize]``, the absmax itself double-quantized), ``A`` (r, K) and ``B`` (N, r)
+the LoRA factors, ``s = α / r``. The layer and its gradients are::
+
+    y   = x · Wᵀ + b + s · (x · Aᵀ) · Bᵀ                 forward
+    u   = s · g · B                                       (M, r), g = ∂L/∂y
+    ∂L/∂x = g · W + u · A        ∂L/∂A = uᵀ · x        ∂L/∂B = s · gᵀ · (x · Aᵀ)
+
+Two ways to compute ``x · Wᵀ`` and ``g · W`` (kept both, chosen by the number of rows M):
+
+* **fused** (Triton, below): each program owns an output tile and walks the reduction
+  dimension; at every step it loads a tile of packed bytes (half a byte per weight), rebuilds the
+  block scales (``nested_code[q] · nested_absmax + offset``, product then sum, no FMA) and the
+  weights in float32, rounds them to bf16 once (so the tile is bit-identical to the
+  dequantized weight) and feeds the tensor cores, accumulating in float32. The LoRA term
+  ``s · (x·Aᵀ) · Bᵀ`` (or ``u · A``) and the bias are added to the same fp32 accumulator before
+  the one rounding of the output. The dense weight never exists in memory: 0.52 bytes per weight
+  are read instead of 2, which is what small M (decoding, small batches) is bound by. As
+  written it does not get there (measured below: it is bound by per-element tile work).
+* **dequantize + cuBLAS**: one pass writes the dense bf16 weight, then cuBLAS multiplies. The
+  fused kernel redoes the dequantization arithmetic once per row tile of the output, on the
+  same cores that must also issue the matrix instructions, so past some M the separate pass
+  (paid once) is cheaper. ``FUSED_MAX_ROWS`` holds that crossover, measured on an H200 by
+  ``benchmarks/qlora_model_gpu.py`` (section "crossover" of ``benchmarks/qlora_model_gpu.md``).
+
+Both paths take the same arguments through :func:`matmul_4bit`, registered as the operator
+``torch.ops.pedapeft.matmul_4bit`` so that ``torch.compile`` keeps one opaque node. Without
+CUDA or Triton only the second path exists (the dequantization is then ``kernels``' PyTorch
+path), so the autograd Function is the same code on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pedaPEFT import kernels
+
+try:  # CUDA builds of PyTorch ship Triton; a CPU-only install runs the dequantize path.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+FUSED_MAX_ROWS = {"forward": 0, "input_grad": 0}
+"""Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring).
+
+Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30): this kernel is slower
+than dequantize + cuBLAS at every M from 1 to 2048 and for every LLaMA-8B-width shape (at
+M = 1, W 4096 x 4096: 269 us against 77 us; it moves 0.03 TB/s, under 1 % of the copy
+bandwidth), so the crossover is M = 0 and the dispatch never picks it. It is kept, tested
+against the CPU reference, for the day it is made fast: raise these limits to route small M
+through it."""
+
+ENABLED = True
+"""``False`` sends ``QLoRALinear`` back to its unfused path (base Function + LoRA branch)."""
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                         offset_ptr, rows, n_rows, k0, K, COLS: tl.constexpr,
+                         BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                         DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr):
+        """Weights W[rows, k0 : k0 + COLS] as float32, shape (len(rows), COLS); finite values
+        (later multiplied by zeros) where the tile leaves the weight.
+
+        Element (n, k) is flat index i = n·K + k: byte i // 2, high nibble when i is even (K
+        even, so the parity of i is the parity of k). ALIGNED (K a multiple of the blocksize,
+        COLS dividing it): the tile's columns lie in one quantization block per row, so one
+        scale per row is rebuilt and broadcast; otherwise one scale per element.
+        """
+        cols = k0 + tl.arange(0, COLS)
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
+        index = rows[:, None] * K + cols[None, :]                               # (ROWS, COLS)
+        byte = tl.load(packed_ptr + (index >> 1), mask=inside, other=0).to(tl.int32)
+        nibble = (byte >> ((1 - (cols[None, :] & 1)) * 4)) & 15
+        value = tl.load(code_ptr + nibble)
+        if ALIGNED:
+            block = (rows * K + k0) // BLOCKSIZE                                # (ROWS,)
+            block_ok = rows < n_rows
+        else:
+            block = index // BLOCKSIZE                                          # (ROWS, COLS)
+            block_ok = inside
+        if DOUBLE_QUANT:
+            q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
+            outer = tl.load(nested_absmax_ptr + block // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
+            scale = tl.load(nested_code_ptr + q) * outer + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
+        if ALIGNED:
+            values = value * scale[:, None]
+        else:
+            values = value * scale
+        return values
+
+    def _configs():
+        """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Up to 64 input rows: a 16..64-row tile
+        and narrow weight tiles, so that even one row spreads over every multiprocessor (the
+        input-gradient kernel's programs own BLOCK_K output columns); above: square tiles."""
+        small = [(32, 64, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4), (128, 32, 4, 4)]
+        large = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+                                 num_warps=w, num_stages=st)
+                   for m in (16, 32, 64) for n, k, w, st in small]
+        configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+                                  num_warps=w, num_stages=st) for m, n, k, w, st in large]
+        return configs
+
+    def _prune(configs, named_args, **kwargs):
+        """Keep the configs made for M: up to 64 rows, those whose row tile is the smallest
+        power of two >= M (at least 16); above, the large tiles."""
+        m = named_args["M"]
+        if m <= 64:
+            want = max(16, _next_power_of_2(m))
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] == want]
+        else:
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] == 128]
+        return kept or configs[:1]
+
+    def _aligned(args):
+        return args["K"] % args["BLOCKSIZE"] == 0 and args["BLOCK_K"] <= args["BLOCKSIZE"]
+
+    @triton.autotune(configs=_configs(),
+                     key=["m_bucket", "N", "K", "HAS_LORA"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.heuristics({"ALIGNED": _aligned})
+    @triton.jit(do_not_specialize=["M", "rank", "m_bucket"])
+    def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                        nested_code_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr,
+                        M, N, K, rank, scaling, m_bucket,
+                        BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                        DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_LORA: tl.constexpr, RANK_TILE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        ALIGNED: tl.constexpr):
+        """y (M, N) = x (M, K) · Wᵀ + bias + scaling · lora_in (M, rank) · Bᵀ (rank, N)."""
+        rows_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows_m[:, None] * K + cols[None, :],
+                        mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
+            w = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                 nested_code_ptr, offset_ptr, rows_n, N, k0, K, BLOCK_K,
+                                 BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT,
+                                 ALIGNED)                                     # (BLOCK_N, BLOCK_K)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if HAS_LORA:
+            r = tl.arange(0, RANK_TILE)
+            u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
+                        mask=(rows_m[:, None] < M) & (r[None, :] < rank), other=0.0)
+            b = tl.load(lora_b_ptr + rows_n[:, None] * rank + r[None, :],
+                        mask=(rows_n[:, None] < N) & (r[None, :] < rank), other=0.0)
+            acc += scaling * tl.dot(u, tl.trans(b))
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+
+    @triton.autotune(configs=_configs(),
+                     key=["m_bucket", "N", "K", "HAS_LORA"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.heuristics({"ALIGNED": _aligned})
+    @triton.jit(do_not_specialize=["M", "rank", "m_bucket"])
+    def _input_grad_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                           nested_code_ptr, offset_ptr, lora_in_ptr, lora_a_ptr, out_ptr,
+                           M, N, K, rank, scaling, m_bucket,
+                           BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                           DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr,
+                           RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
+        """out (M, K) = g (M, N) · W (N, K) + scaling · lora_in (M, rank) · A (rank, K)."""
+        rows_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        k0 = tl.program_id(1) * BLOCK_K
+        cols = k0 + tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rows_n = n0 + tl.arange(0, BLOCK_N)
+            g = tl.load(g_ptr + rows_m[:, None] * N + rows_n[None, :],
+                        mask=(rows_m[:, None] < M) & (rows_n[None, :] < N), other=0.0)
+            w = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                 nested_code_ptr, offset_ptr, rows_n, N, k0, K, BLOCK_K,
+                                 BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT,
+                                 ALIGNED)                                     # (BLOCK_N, BLOCK_K)
+            acc = tl.dot(g, w.to(g.dtype), acc)
+        if HAS_LORA:
+            r = tl.arange(0, RANK_TILE)
+            u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
+                        mask=(rows_m[:, None] < M) & (r[None, :] < rank), other=0.0)
+            a = tl.load(lora_a_ptr + r[:, None] * K + cols[None, :],
+                        mask=(r[:, None] < rank) & (cols[None, :] < K), other=0.0)
+            acc += scaling * tl.dot(u, a)
+        tl.store(out_ptr + rows_m[:, None] * K + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows_m[:, None] < M) & (cols[None, :] < K))
+
+
+def fused_supported(a: torch.Tensor, out_features: int, in_features: int, blocksize: int) -> bool:
+    """Whether the fused kernel can run: CUDA + Triton, bf16/fp16 input, even K (whole bytes
+    per row), a power-of-two blocksize >= 8, and every index within 32 bits."""
+    return (
+        triton is not None
+        and a.is_cuda
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and in_features % 2 == 0
+        and kernels.triton_supports(blocksize)
+        and out_features * in_features < 2**31
+        and a.numel() // a.shape[-1] * max(out_features, in_features) < 2**31
+    )
+
+
+def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, transposed, bias,
+            lora_in, lora_weight, scaling):
+    """The fused kernel: a·Wᵀ (+ bias) (+ s·lora_in·Bᵀ), or a·W (+ s·lora_in·A) if transposed."""
+    packed, absmax, code, nested_absmax, nested_code, offset = stored
+    M = a.shape[0]
+    N, K = out_features, in_features
+    out = torch.empty(M, K if transposed else N, dtype=a.dtype, device=a.device)
+    double_quant = nested_absmax is not None
+    has_lora = lora_in is not None
+    rank = lora_in.shape[1] if has_lora else 1
+    common = dict(BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
+                  HAS_LORA=has_lora, RANK_TILE=max(16, _next_power_of_2(rank)))
+    tensors = (packed, absmax, code, nested_absmax if double_quant else absmax,
+               nested_code if double_quant else absmax, offset if double_quant else absmax)
+    lora_args = (lora_in, lora_weight) if has_lora else (a, a)  # never read without LoRA
+    m_bucket = min(_next_power_of_2(M), 1024)
+    if transposed:
+        kernel, tiles = _input_grad_kernel, (M, K, "BLOCK_K")
+        args = (a, *tensors, *lora_args, out, M, N, K, rank, float(scaling), m_bucket)
+    else:
+        kernel, tiles = _forward_kernel, (M, N, "BLOCK_N")
+        common["HAS_BIAS"] = bias is not None
+        args = (a, *tensors, bias if bias is not None else a, *lora_args, out, M, N, K, rank,
+                float(scaling), m_bucket)
+
+    def grid(meta):
+        return (triton.cdiv(tiles[0], meta["BLOCK_M"]), triton.cdiv(tiles[1], meta[tiles[2]]))
+
+    key = (transposed, m_bucket, N, K, a.dtype, a.device, tuple(sorted(common.items())))
+    tuned = _TUNED.get(key)
+    if tuned is None:  # first use: the autotuner times its configs and launches the best one
+        kernel[grid](*args, enable_fp_fusion=False, **common)
+        best = kernel.best_config
+        aligned = K % blocksize == 0 and best.kwargs["BLOCK_K"] <= blocksize
+        _TUNED[key] = {**best.all_kwargs(), "ALIGNED": aligned}
+    else:  # later calls skip the autotuner's and heuristics' Python (tens of us per launch)
+        kernel.fn.fn[grid](*args, enable_fp_fusion=False, **common, **tuned)
+    return out
+
+
+_TUNED: dict[tuple, dict] = {}
+"""Best launch configuration per (direction, row bucket, shape, dtype, device, constants)."""
+
+
+def _dequantize_then_matmul(a, stored, out_features, in_features, blocksize, dq_blocksize,
+                            transposed, bias, lora_in, lora_weight, scaling):
+    """The same function through one dequantization pass and cuBLAS (any device)."""
+    dense = kernels.dequantize_4bit_eager(*stored, out_features * in_features, blocksize,
+                                          dq_blocksize, a.dtype)
+    dense = dense.view(out_features, in_features)
+    if transposed:
+        out = a @ dense
+    else:
+        out = F.linear(a, dense, None if bias is None else bias.to(a.dtype))
+    del dense  # the transient weight goes back to the allocator before the LoRA term
+    if lora_in is not None:
+        out.addmm_(lora_in, lora_weight if transposed else lora_weight.t(), alpha=scaling)
+    return out
+
+
+def matmul_4bit_eager(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                      code: torch.Tensor, nested_absmax: torch.Tensor | None,
+                      nested_code: torch.Tensor | None, offset: torch.Tensor | None,
+                      out_features: int, in_features: int, blocksize: int, dq_blocksize: int,
+                      transposed: bool, bias: torch.Tensor | None, lora_in: torch.Tensor | None,
+                      lora_weight: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """``a (M, K) · Wᵀ + bias + scaling · lora_in · lora_weightᵀ`` → (M, N), or with
+    ``transposed`` ``a (M, N) · W + scaling · lora_in · lora_weight`` → (M, K); ``W`` (N, K) the
+    4-bit weight of the other arguments (``kernels.dequantize_4bit``'s). ``a`` is 2-D,
+    contiguous. The fused kernel runs for M up to ``FUSED_MAX_ROWS``, else dequantize + cuBLAS.
+    """
+    stored = (packed, absmax, code, nested_absmax, nested_code, offset)
+    limit = FUSED_MAX_ROWS["input_grad" if transposed else "forward"]
+    if a.shape[0] <= limit and fused_supported(a, out_features, in_features, blocksize):
+        return _launch(a, stored, out_features, in_features, blocksize, dq_blocksize,
+                       transposed, bias, lora_in, lora_weight, scaling)
+    return _dequantize_then_matmul(a, stored, out_features, in_features, blocksize,
+                                   dq_blocksize, transposed, bias, lora_in, lora_weight, scaling)
+
+
+@torch.library.custom_op("pedapeft::matmul_4bit", mutates_args=())
+def matmul_4bit(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                offset: torch.Tensor | None, out_features: int, in_features: int,
+                blocksize: int, dq_blocksize: int, transposed: bool,
+                bias: torch.Tensor | None, lora_in: torch.Tensor | None,
+                lora_weight: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """:func:`matmul_4bit_eager` as ``torch.ops.pedapeft.matmul_4bit`` (opaque when compiled)."""
+    return matmul_4bit_eager(a, packed, absmax, code, nested_absmax, nested_code, offset,
+                             out_features, in_features, blocksize, dq_blocksize, transposed,
+                             bias, lora_in, lora_weight, scaling)
+
+
+@matmul_4bit.register_fake
+def _(a, packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features,
+      blocksize, dq_blocksize, transposed, bias, lora_in, lora_weight, scaling):
+    return a.new_empty(a.shape[0], in_features if transposed else out_features)
+
+
+def _matmul(*args):
+    """The registered operator while compiling (one graph node), the plain function otherwise
+    (an operator call costs tens of microseconds of dispatch per call in eager mode)."""
+    return matmul_4bit(*args) if torch.compiler.is_compiling() else matmul_4bit_eager(*args)
+
+
+class QLoRAFunction(torch.autograd.Function):
+    """Base and LoRA branch of a QLoRA layer in one node (math in the module docstring).
+
+    Saves ``x`` (needed for ∂L/∂A, as plain LoRA does), ``x·Aᵀ`` (M, r) and the packed weight;
+    never a dense weight, and no (M, N) intermediate beyond the output itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, scaling, fmt, *stored):
+        N, K = fmt.out_features, fmt.in_features
+        x2 = x.reshape(-1, K).contiguous()                                  # (M, K)
+        lora_in = x2 @ lora_A.t()                                           # (M, r)
+        y = _matmul(x2, *stored, N, K, fmt.blocksize, fmt.dq_blocksize, False, bias, lora_in,
+                    lora_B, scaling)                                        # (M, N)
+        ctx.save_for_backward(x2, lora_in, lora_A, lora_B, *stored)
+        ctx.fmt, ctx.scaling, ctx.x_shape = fmt, scaling, x.shape
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, lora_in, lora_A, lora_B, *stored = ctx.saved_tensors
+        fmt, s = ctx.fmt, ctx.scaling
+        g = grad_y.reshape(-1, fmt.out_features).contiguous()               # (M, N)
+        u = (g @ lora_B).mul_(s)                                            # (M, r)
+        grad_A = u.t() @ x2 if ctx.needs_input_grad[1] else None            # (r, K)
+        grad_B = (g.t() @ lora_in).mul_(s) if ctx.needs_input_grad[2] else None  # (N, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _matmul(g, *stored, fmt.out_features, fmt.in_features, fmt.blocksize,
+                             fmt.dq_blocksize, True, None, u, lora_A, 1.0).view(ctx.x_shape)
+        return (grad_x, grad_A, grad_B, None, None, None) + (None,) * len(stored)
+
+
+def applies(layer, x: torch.Tensor) -> bool:
+    """Whether ``QLoRALinear.forward`` takes :func:`qlora_forward`: a 4-bit base, input already
+    in the compute dtype, and no active dropout on the LoRA branch (dropout would need a second
+    input to the branch; that case keeps the unfused path)."""
+    base = layer.base_layer
+    return (ENABLED and base.fmt.quant_type != "int8" and x.dtype == base.compute_dtype
+            and (layer.dropout_p == 0.0 or not layer.training)
+            and x.shape[-1] == base.fmt.in_features)
+
+
+def qlora_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """``QLoRALinear``'s function through :class:`QLoRAFunction` (one autograd node)."""
+    base = layer.base_layer
+    return QLoRAFunction.apply(x, layer.lora_A, layer.lora_B, base.bias, layer.scaling,
+                               base.fmt, *base.stored_tensors())
