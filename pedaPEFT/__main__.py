@@ -5,10 +5,79 @@ its options.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+TASKS = ("shift", "reverse", "swap")  # pedaPEFT.data.TASKS (a test checks they agree)
+PRESETS = ("tiny", "small", "gpt2")  # pedaPEFT.gpt.PRESETS (a test checks they agree)
+SHIPPED_BASES = sorted(path.stem for path in (Path(__file__).parent / "weights").glob("*.json"))
+METHODS = ("full", "top", "feature", "lora", "adapter", "qlora")
+LINEAR_NAMES = ("q", "k", "v", "o", "fc", "proj")  # every nn.Linear of a GPT block
+QUANT_TYPES = ("nf4", "fp4", "int8")
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose every error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1) (argparse type), e.g. a dropout rate."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def target_list(text: str) -> list[str]:
+    """Comma-separated names of a GPT block's linear layers (argparse type)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LINEAR_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated names from {', '.join(LINEAR_NAMES)}, got {text!r}"
+        )
+    return names
 
 
 def command_env(args: argparse.Namespace) -> int:
@@ -21,15 +90,28 @@ def command_figures(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from pedaPEFT import figures
+    from pedaPEFT import figures, files
 
-    for path in figures.write_figures(Path(args.out), args.names or None):
+    unknown = [name for name in args.names if name not in figures.FIGURES]
+    if unknown:
+        raise ValueError(
+            f"names: unknown figure(s) {', '.join(unknown)}; choose from "
+            f"{', '.join(sorted(figures.FIGURES))}"
+        )
+    out = files.check_output_dir(args.out, "--out")
+    for path in figures.write_figures(out, args.names or None):
         print(f"wrote {path}")
     return 0
 
 
 def command_lessons(args: argparse.Namespace) -> int:
-    from pedaPEFT import notebooks
+    try:
+        from pedaPEFT import notebooks
+    except ImportError as error:
+        raise ValueError(
+            f"building lessons needs {error.name} (python -m pip install -e '.[lessons,test]'; "
+            "python -m pedaPEFT env lists what is missing)"
+        ) from None
 
     if args.check:
         problems = notebooks.check()
@@ -45,10 +127,11 @@ def command_lessons(args: argparse.Namespace) -> int:
 
 
 def command_lora_experiment(args: argparse.Namespace) -> int:
-    from pedaPEFT import experiments
+    from pedaPEFT import experiments, files
 
-    results = experiments.experiment(args.name, args.scale, args.task, log=print)
     out = Path(args.out) if args.out else experiments.results_path(args.name)
+    files.check_output_file(out, "--out")
+    results = experiments.experiment(args.name, args.scale, args.task, log=print)
     experiments.write_results(results, out)
     print(f"wrote {out} ({results['seconds']:.0f} s)")
     return 0
@@ -61,21 +144,21 @@ def command_pretrain(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import gpt, train
+    from pedaPEFT import files, gpt, train
 
+    out = files.check_output_dir(args.out, "--out")
+    for path in gpt.pretrained_paths(args.preset, out):
+        files.check_output_file(path, "--out", overwrite=args.force)
+    if args.checkpoint:
+        files.check_output_file(args.checkpoint, "--checkpoint")
     torch.set_num_threads(args.threads)
     config = replace(train.PRETRAIN_CONFIG, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     start = time.perf_counter()
-    try:
-        model, info = train.pretrain_base(args.preset, config, args.seed, args.checkpoint,
-                                          args.resume)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model, info = train.pretrain_base(args.preset, config, args.seed, args.checkpoint,
+                                      args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        out = Path(args.out) if args.out else gpt.PRETRAINED_DIR
         weights, _ = gpt.save_pretrained(model, info, out, args.preset)
         print(f"final loss {info['final_loss']:.4f}")
         for name, value in info["metrics"].items():
@@ -89,12 +172,14 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import gpt, train
+    from pedaPEFT import files, gpt, train
+
+    if args.checkpoint:
+        files.check_output_file(args.checkpoint, "--checkpoint")
     options = {}
     if args.method in ("lora", "qlora"):
-        default_targets = "q,v" if args.method == "lora" else ",".join(gpt.ALL_LINEAR)
-        targets = [name.strip() for name in (args.targets or default_targets).split(",")]
-        options = {"r": args.r, "alpha": args.alpha, "targets": [t for t in targets if t],
+        default_targets = ["q", "v"] if args.method == "lora" else list(gpt.ALL_LINEAR)
+        options = {"r": args.r, "alpha": args.alpha, "targets": args.targets or default_targets,
                    "dropout": args.lora_dropout}
         if args.method == "qlora":
             options["quant_type"] = args.quant_type
@@ -106,13 +191,9 @@ def command_finetune(args: argparse.Namespace) -> int:
         config = replace(config, steps=args.steps)
     if args.lr is not None:
         config = replace(config, lr=args.lr)
-    try:
-        model = gpt.load_pretrained(args.base)
-        result = train.finetune(model, args.task, args.method, config, n_train=args.n_train,
-                                method_options=options, checkpoint=args.checkpoint)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model = gpt.load_pretrained(args.base)
+    result = train.finetune(model, args.task, args.method, config, n_train=args.n_train,
+                            method_options=options, checkpoint=args.checkpoint)
     print(f"task {result.task}, method {result.method}: trainable {result.trainable:,} of "
           f"{result.total:,} parameters ({100 * result.trainable_fraction:.2f}%)")
     print(f"exact match before {result.accuracy_before:.3f}, after {result.accuracy:.3f} "
@@ -124,17 +205,18 @@ def command_demo(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from pedaPEFT import demo
+    from pedaPEFT import demo, files
 
-    demo.demo(args.task, out_dir=args.out)
+    demo.demo(args.task, out_dir=files.check_output_dir(args.out, "--out"))
     return 0
 
 
 def command_qlora_experiment(args: argparse.Namespace) -> int:
-    from pedaPEFT import experiments
+    from pedaPEFT import experiments, files
 
-    results = experiments.table3_experiment(args.scale, args.task, log=print)
     out = Path(args.out) if args.out else experiments.table3_results_path(args.task)
+    files.check_output_file(out, "--out")
+    results = experiments.table3_experiment(args.scale, args.task, log=print)
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0
@@ -183,7 +265,7 @@ def command_site(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m pedaPEFT",
         description="pedaPEFT: parameter-efficient fine-tuning taught from scratch.",
     )
@@ -192,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the course's main job: QLoRA fine-tuning of the tiny GPT, start to finish"
     )
-    demo.add_argument("--task", default="shift", help="downstream task (default: shift)")
+    demo.add_argument("--task", default="shift", choices=TASKS,
+                      help="downstream task (default: shift)")
     demo.add_argument("--out", default="runs", help="folder for the figure (default: runs)")
     demo.set_defaults(run=command_demo)
 
@@ -200,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         "qlora-experiment", help="lesson 9's sweep: full FT vs LoRA vs QLoRA (NF4, FP4, int8)"
     )
     qlora_experiment.add_argument("--scale", choices=["small", "full"], default="small")
-    qlora_experiment.add_argument("--task", default="reverse", help="downstream task")
+    qlora_experiment.add_argument("--task", default="reverse", choices=TASKS,
+                                  help="downstream task (default: reverse)")
     qlora_experiment.add_argument(
         "--out", default=None, help="output JSON (default: figures/data/qlora_table3_<task>.json)"
     )
@@ -234,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lora_experiment.add_argument("name", choices=["adapters", "tables"])
     lora_experiment.add_argument("--scale", choices=["small", "full"], default="small")
-    lora_experiment.add_argument("--task", default=None, help="downstream task (default: shift)")
+    lora_experiment.add_argument("--task", default=None, choices=TASKS,
+                                 help="downstream task (default: shift)")
     lora_experiment.add_argument(
         "--out", default=None, help="output JSON (default: figures/data/lora_<name>.json)"
     )
@@ -243,46 +328,53 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser(
         "pretrain", help="pretrain a GPT preset on the synthetic mixture and save it as a base"
     )
-    pretrain.add_argument("--preset", default="tiny", help="tiny (default), small or gpt2")
-    pretrain.add_argument("--steps", type=int, default=None,
+    pretrain.add_argument("--preset", default="tiny", choices=PRESETS,
+                          help="tiny (default), small or gpt2")
+    pretrain.add_argument("--steps", type=positive_int, default=None,
                           help="training steps (default: the recipe's)")
-    pretrain.add_argument("--seed", type=int, default=0)
-    pretrain.add_argument("--out", default=None,
-                          help="output folder (default: the package's weights/ folder)")
+    pretrain.add_argument("--seed", type=non_negative_int, default=0)
+    pretrain.add_argument("--out", default="runs",
+                          help="output folder (default: runs; the shipped bases are replaced "
+                               "only with --out pointing at them and --force)")
+    pretrain.add_argument("--force", action="store_true",
+                          help="replace <out>/<preset>.safetensors and .json if they exist")
     pretrain.add_argument("--checkpoint", default=None, help="checkpoint file to write")
     pretrain.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pretrain.add_argument("--threads", type=int, default=1,
+    pretrain.add_argument("--threads", type=positive_int, default=1,
                           help="CPU threads per process (default 1: fastest for tiny models)")
     pretrain.set_defaults(run=command_pretrain)
 
     finetune = commands.add_parser(
         "finetune", help="fine-tune the pretrained base on a downstream task and score it"
     )
-    finetune.add_argument("--task", required=True,
+    finetune.add_argument("--task", required=True, choices=TASKS,
                           help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS)")
-    finetune.add_argument("--method", default="full",
+    finetune.add_argument("--method", default="full", choices=METHODS,
                           help="full (default), top, feature, lora, adapter or qlora")
-    finetune.add_argument("--base", default="tiny", help="shipped base (default tiny)")
-    finetune.add_argument("--steps", type=int, default=None,
+    finetune.add_argument("--base", default="tiny", choices=SHIPPED_BASES,
+                          help="shipped base (default tiny)")
+    finetune.add_argument("--steps", type=positive_int, default=None,
                           help="training steps (default: train.FINETUNE_CONFIG's)")
-    finetune.add_argument("--lr", type=float, default=None,
+    finetune.add_argument("--lr", type=positive_float, default=None,
                           help="peak learning rate (default: train.FINETUNE_CONFIG's)")
-    finetune.add_argument("--n-train", type=int, default=2048, help="training examples")
-    finetune.add_argument("--r", type=int, default=8, help="LoRA rank (--method lora)")
-    finetune.add_argument("--alpha", type=float, default=16, help="LoRA alpha (--method lora)")
-    finetune.add_argument("--targets", default=None,
+    finetune.add_argument("--n-train", type=positive_int, default=2048,
+                          help="training examples")
+    finetune.add_argument("--r", type=positive_int, default=8, help="LoRA rank (--method lora)")
+    finetune.add_argument("--alpha", type=positive_float, default=16,
+                          help="LoRA alpha (--method lora)")
+    finetune.add_argument("--targets", type=target_list, default=None,
                           help="LoRA target modules, comma-separated (--method lora: default "
                                "q,v; --method qlora: every linear layer of the blocks)")
-    finetune.add_argument("--quant-type", default="nf4",
+    finetune.add_argument("--quant-type", default="nf4", choices=QUANT_TYPES,
                           help="frozen base format for --method qlora: nf4, fp4 or int8")
-    finetune.add_argument("--lora-dropout", type=float, default=0.0,
+    finetune.add_argument("--lora-dropout", type=probability, default=0.0,
                           help="dropout on the LoRA branch (--method lora)")
-    finetune.add_argument("--bottleneck", type=int, default=16,
+    finetune.add_argument("--bottleneck", type=positive_int, default=16,
                           help="adapter bottleneck size (--method adapter)")
     finetune.add_argument("--checkpoint", default=None, help="checkpoint file to write")
     finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
-    finetune.add_argument("--threads", type=int, default=1,
+    finetune.add_argument("--threads", type=positive_int, default=1,
                           help="CPU threads (default 1: fastest for tiny models)")
     finetune.set_defaults(run=command_finetune)
 
@@ -309,8 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    """Run one command. A user error (a ``ValueError`` from the checks of the package, which
+    name the argument and its allowed values) is printed as one line, with exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "resume", False) and not args.checkpoint:
+        parser.error("argument --resume: needs --checkpoint (the file to continue from)")
+    try:
+        return args.run(args)
+    except ValueError as error:
+        message = " ".join(str(error).split())
+        print(f"python -m pedaPEFT {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,8 +13,73 @@ and v alone: the fact that makes paging the states possible.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")  # per parameter, as torch.optim.AdamW keeps them
+
+
+def check_hyperparameters(lr: object, betas: object, eps: object, weight_decay: object,
+                          where: str = "") -> None:
+    """``torch.optim.AdamW``'s checks, NaN and inf refused as well; ``ValueError`` names the
+    hyperparameter (prefixed by ``where``, e.g. the parameter group of a state dict)."""
+    def real(value: object) -> bool:
+        return isinstance(value, float | int) and not isinstance(value, bool) and (
+            math.isfinite(value))
+
+    if not (real(lr) and lr >= 0):
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr!r}")
+    if not (isinstance(betas, tuple | list) and len(betas) == 2
+            and all(real(beta) and 0.0 <= beta < 1.0 for beta in betas)):
+        raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
+    if not (real(eps) and eps >= 0):
+        raise ValueError(f"{where}eps must be a finite number >= 0, got {eps!r}")
+    if not (real(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got {weight_decay!r}")
+
+
+def check_state_dict(state_dict: dict) -> tuple[list[dict], dict]:
+    """Check an AdamW state dict in torch's layout; returns its (param_groups, state).
+
+    Every group has ``params`` (indexes, each used once) and valid hyperparameters; ``state``
+    is keyed by those indexes only (a string key would be dropped silently otherwise), and
+    each entry holds a ``step >= 0`` and float ``exp_avg``/``exp_avg_sq``. ``ValueError``
+    names what is wrong; nothing is changed, so a caller can check before it loads.
+    """
+    groups, states = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ) or not isinstance(states, dict):
+        raise ValueError("state_dict must hold 'param_groups' (a list of dicts with 'params') "
+                         "and 'state' (a dict)")
+    indexes = [index for group in groups for index in group["params"]]
+    if len(set(indexes)) != len(indexes) or not set(states) <= set(indexes):
+        unknown = sorted(map(repr, set(states) - set(indexes)))
+        raise ValueError(f"state_dict's 'state' keys must be the parameter indexes of its "
+                         f"param_groups ({len(indexes)}, each once), got unknown keys "
+                         f"{unknown[:5]}")
+    for number, group in enumerate(groups):
+        missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in group]
+        if missing:
+            raise ValueError(f"state_dict param_groups[{number}] lacks {missing}")
+        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                              f"state_dict param_groups[{number}]: ")
+    for index, values in states.items():
+        if not isinstance(values, dict) or set(values) != set(STATE_KEYS):
+            found = sorted(values) if isinstance(values, dict) else type(values).__name__
+            raise ValueError(f"state of parameter {index} must have the keys "
+                             f"{sorted(STATE_KEYS)}, got {found}")
+        step = values["step"]
+        step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
+        if not (isinstance(step, int | float) and math.isfinite(step) and step >= 0):
+            raise ValueError(f"state 'step' of parameter {index} must be a number >= 0, "
+                             f"got {step!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            if not isinstance(values[key], Tensor) or not values[key].is_floating_point():
+                raise ValueError(f"state {key!r} of parameter {index} must be a float tensor")
+    return groups, states
 
 
 def adamw_update(

@@ -47,12 +47,20 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids: list[int] | torch.Tensor) -> str:
-    """Inverse of ``encode``.
+    """Inverse of ``encode``; every id must be an integer in [0, len(CHARS)).
 
     Introduced in lesson 3.
     """
     if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"ids must hold integers, got a tensor of dtype {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"ids must be one sequence (1-D), got shape {tuple(ids.shape)}")
         ids = ids.tolist()
+    ids = list(ids)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < len(CHARS):
+            raise ValueError(f"ids must be integers in [0, {len(CHARS)}), got {i!r}")
     return "".join(CHARS[i] for i in ids)
 
 

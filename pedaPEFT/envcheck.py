@@ -94,7 +94,9 @@ def run_checks() -> list[Check]:
     for distribution in ("matplotlib", "tqdm", "safetensors"):
         checks.append(_check_distribution(distribution, minimums))
     checks.append(_check_kernel())
-    checks.append(_check_distribution("nbval", minimums))
+    # What ``python -m pedaPEFT lessons`` imports to build notebooks, and what verifies them.
+    for distribution in ("jupytext", "nbformat", "nbclient", "nbval"):
+        checks.append(_check_distribution(distribution, minimums))
     import pedaPEFT
 
     checks.append(Check("pedaPEFT", True, pedaPEFT.__version__))

@@ -329,7 +329,7 @@ def load_results(name: str) -> dict:
     path = results_path(name)
     if not path.exists():
         raise ValueError(
-            f"no results for {name!r} at {path}; run python -m pedaPEFT experiment {name} "
+            f"no results for {name!r} at {path}; run python -m pedaPEFT lora-experiment {name} "
             "--scale full"
         )
     return json.loads(path.read_text())

@@ -37,8 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pedaPEFT.files import atomic_write, atomic_write_text
-
 PRESETS: dict[str, dict[str, int]] = {
     # The course's workhorse: pretrains and fine-tunes on a 2-core CPU in about a minute.
     "tiny": dict(vocab_size=48, block_size=16, n_layer=4, n_head=4, n_embd=64),
@@ -273,54 +271,105 @@ def untie_head(model: GPT) -> None:
 PRETRAINED_DIR = Path(str(resources.files("pedaPEFT") / "weights"))
 
 
-def pretrained_paths(preset: str) -> tuple[Path, Path]:
-    """Paths of a shipped base: ``<preset>.safetensors`` (weights), ``<preset>.json`` (recipe)."""
-    return PRETRAINED_DIR / f"{preset}.safetensors", PRETRAINED_DIR / f"{preset}.json"
+def pretrained_paths(preset: str, directory: str | Path = PRETRAINED_DIR) -> tuple[Path, Path]:
+    """Paths of a saved base: ``<preset>.safetensors`` (weights), ``<preset>.json`` (recipe)."""
+    directory = Path(directory)
+    return directory / f"{preset}.safetensors", directory / f"{preset}.json"
 
 
-def load_pretrained(preset: str = "tiny") -> GPT:
-    """The shipped pretrained base of ``preset`` (made by ``python -m pedaPEFT pretrain``).
+def load_pretrained(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR) -> GPT:
+    """The pretrained base ``preset`` saved in ``directory`` (default: the shipped bases).
 
     Loads in well under a second, with no download; ``pretrained_info`` returns the recipe
-    and the metrics measured when the file was made.
+    and the metrics measured when the file was made. The weights must be exactly the tensors
+    of the recorded ``model_config`` (names, shapes, float32, finite); anything else raises
+    ``ValueError`` naming the file and the tensor.
 
     Introduced in lesson 3, used again in lessons 4 and 9.
     """
-    from safetensors.torch import load_model
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    weights, _ = pretrained_paths(preset)
+    from pedaPEFT.files import finish_interrupted_write
+
+    weights, _ = pretrained_paths(preset, directory)
+    finish_interrupted_write(weights.parent)
     if not weights.exists():
-        shipped = sorted(p.stem for p in PRETRAINED_DIR.glob("*.safetensors"))
-        raise ValueError(f"preset must be one of the shipped bases {shipped}, got {preset!r}")
-    info = pretrained_info(preset)
-    model = GPT(GPTConfig.from_dict(info["model_config"]))
-    load_model(model, str(weights))
+        saved = sorted(p.stem for p in Path(directory).glob("*.safetensors"))
+        where = "shipped bases" if Path(directory) == PRETRAINED_DIR else f"bases in {directory}"
+        raise ValueError(f"preset must be one of the {where} {saved}, got {preset!r}")
+    info = pretrained_info(preset, directory)
+    model = GPT(_config_from_info(info, weights.with_suffix(".json")))
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{str(weights)!r} is truncated or not a safetensors file ({error})"
+                         ) from None
+    expected = model.state_dict()
+    tied = ("wte.weight", "lm_head.weight")
+    if model.config.tie_embeddings and sum(name in tensors for name in tied) == 1:
+        shared = tensors.get("wte.weight", tensors.get("lm_head.weight"))
+        tensors = {**tensors, "wte.weight": shared, "lm_head.weight": shared}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{str(weights)!r} does not hold the tensors of its model_config: "
+                         f"missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise ValueError(
+                f"{str(weights)!r}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"model_config needs {tuple(expected[name].shape)} {expected[name].dtype}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{str(weights)!r}: tensor {name!r} holds NaN or inf")
+    model.load_state_dict(tensors)
     return model.eval()
 
 
-def save_pretrained(model: GPT, info: dict, directory: str | Path = PRETRAINED_DIR,
+def _config_from_info(info: dict, meta: Path) -> GPTConfig:
+    values = info.get("model_config")
+    if not isinstance(values, dict):
+        raise ValueError(f"{str(meta)!r}: key 'model_config' must be an object of GPTConfig "
+                         f"fields, got {values!r}")
+    try:
+        return GPTConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{str(meta)!r}: key 'model_config': {error}") from None
+
+
+def save_pretrained(model: GPT, info: dict, directory: str | Path,
                     name: str = "tiny") -> tuple[Path, Path]:
-    """Write ``<name>.safetensors`` and ``<name>.json`` into ``directory``, each atomically."""
+    """Write ``<name>.safetensors`` and ``<name>.json`` into ``directory`` as one atomic change
+    (``files.write_files_atomically``: an interrupted save leaves the old pair or the new)."""
     from safetensors.torch import save_model
 
-    directory = Path(directory)
-    weights, meta = directory / f"{name}.safetensors", directory / f"{name}.json"
+    from pedaPEFT.files import write_files_atomically
+
+    weights, meta = pretrained_paths(name, directory)
     info = {**info, "model_config": model.config.to_dict()}
-    atomic_write(weights, lambda tmp: save_model(model, tmp))
-    atomic_write_text(meta, json.dumps(info, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(info, indent=1, sort_keys=True) + "\n"
+    write_files_atomically({
+        weights: lambda tmp: save_model(model, tmp),
+        meta: lambda tmp: Path(tmp).write_text(text),
+    })
     return weights, meta
 
 
-def pretrained_info(preset: str = "tiny") -> dict:
-    """Recipe and metrics recorded next to a shipped base.
+def pretrained_info(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR) -> dict:
+    """Recipe and metrics recorded next to a saved base.
 
     Introduced in lesson 3, used again in lesson 9.
     """
-    _, meta = pretrained_paths(preset)
+    _, meta = pretrained_paths(preset, directory)
     if not meta.exists():
-        raise ValueError(f"no shipped base for preset {preset!r}")
-    return json.loads(meta.read_text())
-
+        raise ValueError(f"no saved base for preset {preset!r} in {str(directory)!r}")
+    try:
+        info = json.loads(meta.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(meta)!r} is not valid JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{str(meta)!r} must hold a JSON object, got {type(info).__name__}")
+    return info
 
 
 def linear_weights(preset: str = "tiny") -> list[torch.Tensor]:

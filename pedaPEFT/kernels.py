@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from pedaPEFT.quant_4bit import check_4bit_layout
+
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs run the PyTorch path.
     import triton
     import triton.language as tl
@@ -186,6 +188,7 @@ def dequantize_4bit_eager(
     function registered as an operator for ``torch.compile``.
     """
     args = (packed, absmax, code, nested_absmax, nested_code, offset, n, blocksize, dq_blocksize)
+    check_4bit_layout(*args)
     if packed.is_cuda and triton_supports(blocksize):
         return dequantize_4bit_triton(*args, out_dtype)
     return dequantize_4bit_torch(*args, out_dtype)

@@ -66,6 +66,8 @@ def _as_matrix(A: Any, name: str = "A") -> tuple[np.ndarray, float]:
 
         if A.is_complex():
             raise TypeError(f"{name} must be real; got a complex tensor of dtype {A.dtype}")
+        if A.is_meta:
+            raise ValueError(f"{name} is on the meta device (a shape without values)")
         eps = float(torch.finfo(A.dtype).eps) if A.dtype.is_floating_point else _F64_EPS
         array = A.detach().cpu().double().numpy()
     else:
@@ -85,6 +87,21 @@ def _as_matrix(A: Any, name: str = "A") -> tuple[np.ndarray, float]:
     if not np.isfinite(array).all():
         raise ValueError(f"{name} must have finite entries; it holds NaN or inf")
     return array, eps
+
+
+def _power_of_two_scaled(array: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(array / s, s)`` with ``s`` the power of two with ``s <= max |a_ij| < 2 s`` (1 for zeros).
+
+    Rank, pivots and the reduced row echelon form do not change when ``A`` is multiplied by a
+    nonzero number, and dividing by a power of two is exact; afterwards every entry is below
+    2 in magnitude, so sums of magnitudes and tolerances can neither overflow (entries near
+    1e308) nor underflow (entries near 1e-308).
+    """
+    largest = float(np.abs(array).max())
+    if largest == 0.0:
+        return array, 1.0
+    scale = float(np.ldexp(1.0, np.frexp(largest)[1] - 1))
+    return array / scale, scale
 
 
 def _check_tol(tol: Any) -> float | None:
@@ -152,6 +169,8 @@ def rref(A: Any, tol: float | None = None) -> tuple[np.ndarray, tuple[int, ...]]
     """
     R, eps = _as_matrix(A)
     tol = _check_tol(tol)
+    R, scale = _power_of_two_scaled(R)
+    tol = None if tol is None else tol / scale
     m, n = R.shape
     round_off = max(m, n) * eps * float(np.abs(R).sum(axis=1).max())
     pivots: list[int] = []
@@ -198,6 +217,8 @@ def matrix_rank(A: Any, tol: float | None = None, method: str = "svd") -> int:
         return len(rref(A, tol)[1])
     array, eps = _as_matrix(A)
     tol = _check_tol(tol)
+    array, scale = _power_of_two_scaled(array)
+    tol = None if tol is None else tol / scale
     singular_values = np.linalg.svd(array, compute_uv=False)
     if tol is None:
         tol = max(array.shape) * eps * float(singular_values[0])

@@ -53,6 +53,28 @@ def _check_dropout(dropout: object) -> float:
     return float(dropout)
 
 
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is True or False; a string such as ``"false"`` is refused (it is truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_lora_base(module: nn.Module, name: str = "base") -> None:
+    """Refuse a layer LoRA cannot wrap: anything but an ``nn.Linear``, and the output projection
+    of ``nn.MultiheadAttention``, which reads ``out_proj.weight`` directly (a wrapper around it
+    would never be called)."""
+    if isinstance(module, LoRALinear):
+        raise ValueError(f"{name} already has LoRA: LoRA cannot be applied twice to one layer")
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        raise TypeError(
+            f"{name} is the out_proj of an nn.MultiheadAttention, which uses its weight "
+            "directly, so LoRA around it would never run; target separate nn.Linear layers"
+        )
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{name} must be a torch.nn.Linear, got {type(module).__name__}")
+
+
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     """``α / r`` (LoRA, PEFT's default) or ``α / √r`` (rsLoRA)."""
     r, alpha = _check_rank(r), _check_alpha(alpha)
@@ -79,6 +101,7 @@ class LoRAConfig:
         _check_rank(self.r)
         _check_alpha(self.alpha)
         _check_dropout(self.dropout)
+        check_flag(self.rslora, "rslora")
         targets = check_targets(self.target_modules, "target_modules", "('q', 'v')")
         object.__setattr__(self, "target_modules", targets)
 
@@ -109,14 +132,11 @@ class LoRALinear(nn.Module):
         rslora: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(base, LoRALinear):
-            raise ValueError("base already has LoRA: LoRA cannot be applied twice to one layer")
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+        check_lora_base(base)
         self.r = _check_rank(r)
         self.alpha = _check_alpha(alpha)
         self.dropout_p = _check_dropout(dropout)
-        self.rslora = bool(rslora)
+        self.rslora = check_flag(rslora, "rslora")
         self.scaling = lora_scaling(self.r, self.alpha, self.rslora)
         self.base_layer = base
         for param in base.parameters():
@@ -206,16 +226,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     targets = config.target_modules
     matches = find_targets(model, targets, "target_modules")
     for name, module in matches:
-        if isinstance(module, LoRALinear) or name.endswith(".base_layer"):
-            raise ValueError(
-                f"target_modules: {name!r} already has LoRA; "
-                "LoRA cannot be applied twice to one layer"
-            )
-        if not isinstance(module, nn.Linear):
-            raise TypeError(
-                f"target_modules: {name!r} is a {type(module).__name__}; only torch.nn.Linear "
-                "layers can take LoRA"
-            )
+        if name.endswith(".base_layer"):
+            module = model.get_submodule(name.removesuffix(".base_layer"))
+        check_lora_base(module, f"target_modules: {name!r}")
     wrapped = []
     for name, module in matches:
         model.set_submodule(
@@ -236,7 +249,7 @@ def prepare_lora(
     rslora: bool = False,
 ) -> nn.Module:
     """Fine-tuning method ``"lora"`` of :func:`pedaPEFT.train.finetune`: LoRA on ``targets``."""
-    apply_lora(model, LoRAConfig(r, alpha, dropout, tuple(targets), rslora))
+    apply_lora(model, LoRAConfig(r, alpha, dropout, targets, rslora))
     return model
 
 

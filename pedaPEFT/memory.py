@@ -34,6 +34,7 @@ them for ``pedaPEFT.gpt.GPT`` and ``saved_tensor_bytes`` measures them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -98,6 +99,11 @@ def optimizer_state_bytes(optimizer: str, precision: str = "fp32") -> float:
     return 0.0
 
 
+def _check_count(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -131,8 +137,14 @@ def finetune_memory(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_precision(precision)
-    if not isinstance(n_params, int) or n_params < 0:
-        raise ValueError(f"n_params must be a non-negative integer, got {n_params!r}")
+    _check_count(n_params, "n_params")
+    _check_count(n_tensors, "n_tensors")
+    if trainable is not None:
+        _check_count(trainable, "trainable")
+    if isinstance(activations, bool) or not isinstance(activations, int | float) or not (
+        math.isfinite(activations) and activations >= 0
+    ):
+        raise ValueError(f"activations must be a finite number of bytes >= 0, got {activations!r}")
     b_weight, b_grad, b_master, _ = PRECISIONS[precision]
     state = optimizer_state_bytes(optimizer, precision)
     counter = 4 * n_tensors if optimizer == "adamw" else 0
@@ -145,7 +157,7 @@ def finetune_memory(
             optimizer=n_params * (state + b_master) + counter,
             activations=activations,
         )
-    if trainable is None or trainable < 0:
+    if trainable is None:
         raise ValueError(f"trainable must be a non-negative integer for method={method!r}")
     if method == "qlora" and not 0 < base_bits <= 32:
         raise ValueError(f"base_bits must be in (0, 32], got {base_bits!r}")
@@ -199,6 +211,9 @@ def gpt_activation_bytes(config, batch_size: int, seq_len: int | None = None,
     tensors are kept, and the allocator's rounding and workspaces come on top.
     """
     T = config.block_size if seq_len is None else seq_len
+    for name, value in (("batch_size", batch_size), ("seq_len", T)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     n = batch_size * T
     d, h, L, V = config.n_embd, config.n_head, config.n_layer, config.vocab_size
     indices = 8 * n + 8 * T + 8 * n + 4

@@ -36,23 +36,24 @@ What paging buys is shown on a simulated device in ``pedaPEFT.simulated_device``
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from pedaPEFT.adamw import adamw_update, state_bytes
+from pedaPEFT.adamw import adamw_update, check_hyperparameters, check_state_dict, state_bytes
 
 __all__ = ["PagedAdamW", "PagingStats", "adamw_update", "state_bytes"]
 
 OPTIMIZER_TAG = "pedaPEFT.paged.PagedAdamW"
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 # 8 MiB per moment: over PCIe (tens of GB/s) copying a page takes longer than launching its
 # update from Python, so the copies, not the launches, set the pace
 DEFAULT_PAGE_BYTES = 8 * 1024 * 1024
 STAGING_PAGES = 4  # two slots (double buffering) × two moments
 PAGE_ALIGN = 8  # bytes; a page holds a whole number of elements of every float dtype
+MIN_SENSIBLE_PAGE_BYTES = 4096  # smaller automatic pages cost more in launches than they move
 
 
 @dataclass
@@ -123,14 +124,7 @@ class PagedAdamW(torch.optim.Optimizer):
         device: torch.device | str | None = None,
         page_bytes: int | None = None,
     ) -> None:
-        if not isinstance(lr, float | int) or isinstance(lr, bool) or lr < 0:
-            raise ValueError(f"lr must be a non-negative float, got {lr!r}")
-        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
-        if eps < 0:
-            raise ValueError(f"eps must be non-negative, got {eps!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
+        check_hyperparameters(lr, betas, eps, weight_decay)
         if amsgrad:
             raise ValueError("amsgrad must be False: PagedAdamW implements AdamW without AMSGrad")
         self._budget_bytes = _check_positive_int(budget_bytes, "budget_bytes")
@@ -187,8 +181,16 @@ class PagedAdamW(torch.optim.Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group = {**param_group, "params": params}
+        merged = {**self.defaults, **param_group}
+        check_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
+                              merged["weight_decay"], "param group: ")
         offset = len(self._all_params())
+        seen = {id(param) for param in self._all_params()}
         for index, param in enumerate(params, start=offset):
+            if id(param) in seen:
+                raise ValueError(f"params[{index}] appears twice: every parameter must be listed "
+                                 "once (it would be updated twice per step)")
+            seen.add(id(param))
             if not isinstance(param, Tensor):
                 raise TypeError(f"params[{index}] must be a tensor, got {type(param).__name__}")
             if not param.is_floating_point():
@@ -211,6 +213,10 @@ class PagedAdamW(torch.optim.Optimizer):
         if sum(state_bytes(param) for param in params) <= self._budget_bytes:
             return set(), 0
         staging = STAGING_PAGES * self.page_bytes
+        if self._page_bytes_arg is None and PAGE_ALIGN <= self.page_bytes < MIN_SENSIBLE_PAGE_BYTES:
+            warnings.warn(f"budget_bytes={self._budget_bytes} gives {self.page_bytes}-byte pages "
+                          f"(budget_bytes // 32), below {MIN_SENSIBLE_PAGE_BYTES}: paging is very "
+                          "slow; raise budget_bytes or pass page_bytes", stacklevel=4)
         if self.page_bytes < PAGE_ALIGN:
             raise ValueError(
                 f"budget_bytes={self._budget_bytes} is too small to page: the default page is "
@@ -456,7 +462,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 f"state_dict must come from PagedAdamW.state_dict() (tag {OPTIMIZER_TAG!r}), "
                 f"got tag {found!r}: a state dict of another optimizer cannot be loaded"
             )
-        groups = state_dict["param_groups"]
+        groups, states = check_state_dict(state_dict)
         if len(groups) != len(self.param_groups) or any(
             len(saved["params"]) != len(group["params"])
             for saved, group in zip(groups, self.param_groups, strict=True)
@@ -466,25 +472,27 @@ class PagedAdamW(torch.optim.Optimizer):
                 "optimizer"
             )
         self._wait_for_copies()
+        loaded: dict[Tensor, dict[str, Tensor]] = {}  # checked in full before anything changes
         for saved, group in zip(groups, self.param_groups, strict=True):
-            for key in ("lr", "betas", "eps", "weight_decay"):
-                group[key] = tuple(saved[key]) if key == "betas" else saved[key]
             for index, param in zip(saved["params"], group["params"], strict=True):
-                self.state.pop(param, None)
-                if index not in state_dict["state"]:
+                if index not in states:
                     continue
-                values = state_dict["state"][index]
-                if set(values) != set(STATE_KEYS):
-                    raise ValueError(
-                        f"state of parameter {index} has keys {sorted(values)}, "
-                        f"expected {sorted(STATE_KEYS)}"
-                    )
+                values = states[index]
                 for key in ("exp_avg", "exp_avg_sq"):
                     if values[key].shape != param.shape:
                         raise ValueError(
                             f"state {key!r} of parameter {index} has shape "
                             f"{tuple(values[key].shape)}, the parameter {tuple(param.shape)}"
                         )
+                loaded[param] = values
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            for key in ("lr", "betas", "eps", "weight_decay"):
+                group[key] = tuple(saved[key]) if key == "betas" else saved[key]
+            for param in group["params"]:
+                self.state.pop(param, None)
+                if param not in loaded:
+                    continue
+                values = loaded[param]
                 state = self._new_state(param)
                 state["step"].copy_(torch.as_tensor(values["step"], dtype=torch.float32))
                 state["exp_avg"].copy_(values["exp_avg"])

@@ -72,8 +72,8 @@ class QLoRALinear(nn.Module):
         if not isinstance(base, QuantLinear):
             raise TypeError(f"base must be a QuantLinear, got {type(base).__name__}")
         self.scaling = lora.lora_scaling(r, alpha, rslora)
-        lora.LoRAConfig(r=r, alpha=alpha, dropout=dropout)  # validates r, alpha, dropout
-        self.r, self.alpha, self.dropout_p, self.rslora = r, alpha, float(dropout), bool(rslora)
+        lora.LoRAConfig(r=r, alpha=alpha, dropout=dropout, rslora=rslora)  # validates each
+        self.r, self.alpha, self.dropout_p, self.rslora = r, alpha, float(dropout), rslora
         self.base_layer = base
         factory = {"device": base.stored_tensors()[0].device, "dtype": base.compute_dtype}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
@@ -196,22 +196,25 @@ def quantize_model(
                 f"target_modules: {name!r} is a {type(module).__name__}; only torch.nn.Linear "
                 "layers can be quantized for QLoRA"
             )
+    # All or nothing: every layer is quantized before the model changes, so a layer that
+    # cannot be quantized (say, a blocksize that does not divide it) leaves the model as it was.
+    quantized = [
+        QLoRALinear.from_linear(
+            module,
+            config.r,
+            config.alpha,
+            config.dropout,
+            quant_type=quant_type,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            rslora=config.rslora,
+        )
+        for _, module in matches
+    ]
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, module in matches:
-        model.set_submodule(
-            name,
-            QLoRALinear.from_linear(
-                module,
-                config.r,
-                config.alpha,
-                config.dropout,
-                quant_type=quant_type,
-                double_quant=double_quant,
-                compute_dtype=compute_dtype,
-                rslora=config.rslora,
-            ),
-        )
+    for (name, _), layer in zip(matches, quantized, strict=True):
+        model.set_submodule(name, layer)
     return [name for name, _ in matches]
 
 
@@ -265,7 +268,7 @@ def prepare_qlora(
 
     Introduced in lesson 9.
     """
-    config = lora.LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
+    config = lora.LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets)
     quantize_model(model, config, quant_type, double_quant, compute_dtype)
     return model
 

@@ -42,6 +42,7 @@ from pedaPEFT.quant_absmax import (
     check_all_finite,
     check_blocksize,
     check_float_tensor,
+    check_has_data,
     is_integer,
     nearest_code_index,
     scale_blocks,
@@ -119,6 +120,7 @@ def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(codes, torch.Tensor) or not is_integer(codes.dtype):
         raise TypeError("codes must be an integer torch.Tensor of 4-bit indices (0..15)")
+    check_has_data(codes, "codes")
     flat = codes.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > 15):
         raise ValueError("codes must lie in 0..15 to fit in 4 bits")
@@ -243,30 +245,104 @@ def quantize_4bit(
     )
 
 
+def check_4bit_layout(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n: int,
+    blocksize: int,
+    dq_blocksize: int,
+) -> None:
+    """Check that the arguments describe one packed 4-bit tensor of ``n`` elements.
+
+    Only shapes, dtypes and devices are read (no data, no device synchronisation), so the
+    check costs microseconds and runs on every call: ``packed`` uint8 with ceil(n/2) bytes,
+    ``absmax`` one entry per block (uint8 codes with double quantization, float without),
+    a float ``code`` of 16 entries, and with double quantization a 256-entry float
+    ``nested_code``, one float ``nested_absmax`` per ``dq_blocksize`` blocks and a one-element
+    float ``offset``. Raises ``ValueError`` (``TypeError`` for dtypes) naming the argument.
+    """
+    for name, value in (("n", n), ("blocksize", blocksize)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8 (two 4-bit codes per byte), got {packed.dtype}")
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes, n={n} needs ceil(n/2) = "
+                         f"{(n + 1) // 2}")
+    n_blocks = -(-n // blocksize)
+    if absmax.dim() != 1 or absmax.numel() != n_blocks:
+        raise ValueError(f"absmax must be 1-D with one entry per block: n={n} in blocks of "
+                         f"{blocksize} needs {n_blocks}, got shape {tuple(absmax.shape)}")
+    if not code.is_floating_point() or code.numel() != 16:
+        raise ValueError(f"code must be a float table of 16 entries, got {code.numel()} "
+                         f"of {code.dtype}")
+    nested = (nested_absmax, nested_code, offset)
+    double_quant = all(t is not None for t in nested)
+    if not double_quant and any(t is not None for t in nested):
+        raise ValueError("nested_absmax, nested_code and offset must be given all together "
+                         "(double quantization) or all be None")
+    if not double_quant:
+        if not absmax.is_floating_point():
+            raise TypeError(f"absmax must be float without double quantization, got "
+                            f"{absmax.dtype}")
+    else:
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"absmax must be uint8 codes with double quantization, got "
+                            f"{absmax.dtype}")
+        if isinstance(dq_blocksize, bool) or not isinstance(dq_blocksize, int) or dq_blocksize < 1:
+            raise ValueError(f"dq_blocksize must be an integer >= 1, got {dq_blocksize!r}")
+        if not nested_code.is_floating_point() or nested_code.numel() != 256:
+            raise ValueError(f"nested_code must be a float table of 256 entries, got "
+                             f"{nested_code.numel()} of {nested_code.dtype}")
+        n_nested = -(-n_blocks // dq_blocksize)
+        if not nested_absmax.is_floating_point() or nested_absmax.numel() != n_nested:
+            raise ValueError(f"nested_absmax must hold {n_nested} floats ({n_blocks} blocks in "
+                             f"groups of {dq_blocksize}), got {nested_absmax.numel()} of "
+                             f"{nested_absmax.dtype}")
+        if not offset.is_floating_point() or offset.numel() != 1:
+            raise ValueError(f"offset must be one float, got {offset.numel()} of {offset.dtype}")
+    devices = {t.device for t in (packed, absmax, code, *nested) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"every tensor must be on one device, got {sorted(map(str, devices))}")
+
+
 def check_state(state: QuantState) -> None:
+    """Check a QuantState's fields against each other (``kernels.check_4bit_layout``)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
-    n = state.numel
-    if state.packed.numel() != (n + 1) // 2:
-        raise ValueError(
-            f"state.packed has {state.packed.numel()} bytes but shape {tuple(state.shape)} "
-            f"needs ceil({n}/2) = {(n + 1) // 2}"
-        )
-    n_blocks = -(-n // state.blocksize)
-    if state.absmax.numel() != n_blocks:
-        raise ValueError(
-            f"state.absmax has {state.absmax.numel()} entries but {n} elements in blocks of "
-            f"{state.blocksize} need {n_blocks}"
-        )
-    if state.code.numel() != 16:
-        raise ValueError(f"state.code must have 16 entries, got {state.code.numel()}")
-    if state.double_quant:
-        n_nested = -(-n_blocks // state.dq_blocksize)
-        if state.nested_absmax.numel() != n_nested or state.absmax.dtype != torch.uint8:
-            raise ValueError(
-                f"double-quantized state needs uint8 absmax codes and {n_nested} nested_absmax "
-                f"entries, got {state.absmax.dtype} and {state.nested_absmax.numel()}"
-            )
+    check_quant_type(state.quant_type)
+    check_blocksize(state.blocksize, "state.blocksize")
+    if state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"state.dtype must be float32, bfloat16 or float16, got {state.dtype}")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in state.shape):
+        raise ValueError(f"state.shape must hold integers >= 0, got {tuple(state.shape)}")
+    try:
+        check_4bit_layout(state.packed.reshape(-1), state.absmax, state.code,
+                          state.nested_absmax, state.nested_code, state.offset, state.numel,
+                          state.blocksize, state.dq_blocksize)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"state: {error}") from None
+
+
+def check_state_values(state: QuantState, where: str = "state") -> None:
+    """Everything ``check_state`` checks, and the values: code tables, scales and offset
+    finite (a NaN code table or scale would make every weight of its block NaN).
+
+    For states read from files; it reads every scale, so the hot path does not call it.
+    Raises ``ValueError`` naming ``where`` and the field.
+    """
+    try:
+        check_state(state)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+    for name in ("code", "absmax", "nested_code", "nested_absmax", "offset"):
+        value = getattr(state, name)
+        if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{where}: {name} holds NaN or inf")
 
 
 def dequantize_4bit(state: QuantState) -> torch.Tensor:

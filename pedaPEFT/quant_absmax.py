@@ -29,6 +29,7 @@ def check_float_tensor(x: object, name: str, check_finite: bool = True) -> torch
     """Raise a clear error unless ``x`` is a non-empty (finite) fp32/bf16/fp16 tensor."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_has_data(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have dtype float32, bfloat16 or float16, got {x.dtype} "
@@ -39,6 +40,14 @@ def check_float_tensor(x: object, name: str, check_finite: bool = True) -> torch
     if check_finite:
         check_all_finite(x, name)
     return x
+
+
+def check_has_data(x: torch.Tensor, name: str) -> None:
+    """Refuse a meta-device tensor: it has a shape but no values to quantize."""
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without values); "
+                         "materialize it first, e.g. module.to_empty(device='cpu') and load "
+                         "its weights")
 
 
 def check_all_finite(x: torch.Tensor, name: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from pedaPEFT.quant_4bit import QuantState, check_quant_type, check_state
+from pedaPEFT.quant_4bit import QuantState, check_quant_type, check_state, check_state_values
 from pedaPEFT.quant_absmax import check_blocksize
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -57,31 +57,63 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> QuantS
             f"sd must hold '{prefix}weight' and one '{prefix}weight.quant_state.bitsandbytes__"
             "<nf4|fp4>' entry (a bitsandbytes Linear4bit state dict)"
         )
-    meta = json.loads(bytes(sd[blob_keys[0]].tolist()).decode("utf-8"))
+    blob_key = blob_keys[0]
+    try:
+        meta = json.loads(bytes(sd[blob_key].tolist()).decode("utf-8"))
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"sd[{blob_key!r}] must hold UTF-8 JSON bytes ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"sd[{blob_key!r}] must hold a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
+    nested = [f"{prefix}weight.nested_absmax", f"{prefix}weight.nested_quant_map"]
+    tensors = [f"{prefix}weight.absmax", f"{prefix}weight.quant_map"]
+    if "nested_offset" in meta:
+        missing += [k for k in ("nested_blocksize",) if k not in meta]
+        tensors += nested
+    missing += [k for k in tensors if k not in sd]
+    if missing:
+        raise ValueError(f"sd lacks {missing} (a bitsandbytes Linear4bit state dict has them)")
     dtypes = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-    if meta.get("dtype") not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {meta.get('dtype')!r}")
+    if meta["dtype"] not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {meta['dtype']!r}")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ValueError(f"shape must be a list of integers >= 0, got {shape!r}")
+    if not all(isinstance(sd[k], torch.Tensor) for k in [f"{prefix}weight", *tensors]):
+        raise ValueError(f"sd's entries {[f'{prefix}weight', *tensors]} must be tensors")
     packed = sd[f"{prefix}weight"]
     if packed.dtype != torch.uint8:
         packed = packed.contiguous().view(torch.uint8)
     state = QuantState(
         packed=packed.reshape(-1),
         absmax=sd[f"{prefix}weight.absmax"],
-        shape=torch.Size(meta["shape"]),
+        shape=torch.Size(shape),
         dtype=dtypes[meta["dtype"]],
         blocksize=check_blocksize(meta["blocksize"]),
         quant_type=check_quant_type(meta["quant_type"]),
-        code=sd[f"{prefix}weight.quant_map"].float(),
+        code=sd[f"{prefix}weight.quant_map"],
     )
     if "nested_offset" in meta:
+        offset, dq_blocksize = meta["nested_offset"], meta["nested_blocksize"]
+        if isinstance(offset, bool) or not isinstance(offset, int | float):
+            raise ValueError(f"nested_offset must be a number, got {offset!r}")
+        if isinstance(dq_blocksize, bool) or not isinstance(dq_blocksize, int) or (
+            dq_blocksize < 1
+        ):
+            raise ValueError(f"nested_blocksize must be an integer >= 1, got {dq_blocksize!r}")
         state = replace(
             state,
-            offset=torch.tensor(
-                float(meta["nested_offset"]), dtype=torch.float32, device=packed.device
-            ),
-            nested_absmax=sd[f"{prefix}weight.nested_absmax"].float(),
-            nested_code=sd[f"{prefix}weight.nested_quant_map"].float(),
-            dq_blocksize=int(meta["nested_blocksize"]),
+            offset=torch.tensor(float(offset), dtype=torch.float32, device=packed.device),
+            nested_absmax=sd[f"{prefix}weight.nested_absmax"],
+            nested_code=sd[f"{prefix}weight.nested_quant_map"],
+            dq_blocksize=dq_blocksize,
         )
+    check_state_values(state)
+    state = replace(state, code=state.code.float())
+    if state.double_quant:
+        state = replace(state, nested_absmax=state.nested_absmax.float(),
+                        nested_code=state.nested_code.float())
     check_state(state)
     return state

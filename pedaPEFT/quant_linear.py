@@ -48,8 +48,33 @@ class BaseFormat(NamedTuple):
         return self._asdict()
 
     @classmethod
-    def from_json(cls, values: dict[str, object]) -> BaseFormat:
-        return cls(**values)
+    def from_json(cls, values: object) -> BaseFormat:
+        """The format a file recorded, every field checked: ``ValueError`` naming the field.
+
+        The same rules as quantizing: a known ``quant_type``, positive sizes, a blocksize of
+        ``quant.BLOCKSIZES`` that divides the weight (4-bit formats), a float weight dtype and
+        one of ``COMPUTE_DTYPES``.
+        """
+        if not isinstance(values, dict) or set(values) != set(cls._fields):
+            got = sorted(values) if isinstance(values, dict) else type(values).__name__
+            raise ValueError(f"base format must have exactly the fields {list(cls._fields)}, "
+                             f"got {got}")
+        fmt = cls(**values)
+        check_base_quant_type(fmt.quant_type)
+        for field in ("out_features", "in_features"):
+            value = getattr(fmt, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+        if not isinstance(fmt.double_quant, bool):
+            raise ValueError(f"double_quant must be true or false, got {fmt.double_quant!r}")
+        if fmt.quant_type != "int8":
+            _check_blocksize(fmt.blocksize, fmt.out_features * fmt.in_features)
+            quant.check_blocksize(fmt.dq_blocksize, "dq_blocksize")
+        names = [_dtype_name(dtype) for dtype in COMPUTE_DTYPES]
+        for field in ("weight_dtype", "compute_dtype"):
+            if getattr(fmt, field) not in names:
+                raise ValueError(f"{field} must be one of {names}, got {getattr(fmt, field)!r}")
+        return fmt
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -21,8 +21,14 @@ def name_matches(name: str, targets: Iterable[str]) -> bool:
 def check_targets(
     targets: object, argument: str = "targets", example: str = "('o', 'proj')"
 ) -> tuple[str, ...]:
-    """``targets`` as a tuple of module names; a clear error naming ``argument`` otherwise."""
-    if isinstance(targets, str) or not isinstance(targets, Iterable):
+    """``targets`` as a tuple of module names; a clear error naming ``argument`` otherwise.
+
+    A string is one name (``"proj"`` means the layers named ``proj``, never the letters
+    p, r, o, j), as in PEFT.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(targets, Iterable):
         raise TypeError(
             f"{argument} must be a list or tuple of module names such as {example}, "
             f"got {targets!r}"
@@ -30,6 +36,9 @@ def check_targets(
     targets = tuple(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"{argument} must be a non-empty list of module names, got {targets!r}")
+    if any("," in t for t in targets):
+        raise ValueError(f"{argument}: module names never contain ','; pass a list of names "
+                         f"such as {example}, got {targets!r}")
     return targets
 
 

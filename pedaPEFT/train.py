@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,10 +38,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pedaPEFT import adapters, data, lora, qlora
-from pedaPEFT.files import atomic_write
+from pedaPEFT.checkpoints import (  # noqa: F401 (train.CHECKPOINT_FORMAT stays a public name)
+    CHECKPOINT_FORMAT,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pedaPEFT.files import check_output_file
 from pedaPEFT.gpt import GPT, GPTConfig, untie_head
 
-CHECKPOINT_FORMAT = "pedaPEFT-train-checkpoint-v1"
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -69,22 +72,34 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0),
+                          ("eval_interval", 0), ("checkpoint_interval", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, low, high, allowed in (
+            ("lr", 0.0, math.inf, "a finite number > 0"),
+            ("min_lr_ratio", 0.0, 1.0, "a number in [0, 1]"),
+            ("weight_decay", 0.0, math.inf, "a finite number >= 0"),
+            ("beta1", 0.0, 1.0, "a number in [0, 1)"),
+            ("beta2", 0.0, 1.0, "a number in [0, 1)"),
+            ("grad_clip", 0.0, math.inf, "a finite number >= 0 (0 switches clipping off)"),
+        ):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and low <= value <= high
+            if name == "lr":
+                ok = ok and value > 0
+            if name.startswith("beta"):
+                ok = ok and value < 1
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.grad_clip < 0:
-            raise ValueError(
-                f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}"
-            )
+
+
+class TrainingDiverged(ValueError):
+    """The loss (or a weight) became NaN or inf: training stopped, no checkpoint was written."""
 
 
 @dataclass
@@ -158,48 +173,13 @@ def distributed_setup(device: str = "auto") -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def save_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    result: TrainResult,
-    config: TrainConfig,
-) -> None:
-    """Write everything a resume needs, atomically (temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "train_config": asdict(config),
-        "result": asdict(result),
-    }
-    if isinstance(model, GPT):
-        state["model_config"] = model.config.to_dict()
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint with ``weights_only=True`` (no code from the file is run)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path must name an existing checkpoint file, got {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise ValueError(
-            f"checkpoint {str(path)!r} is truncated or not a torch checkpoint ({e})"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"checkpoint {str(path)!r} is not a pedaPEFT training checkpoint "
-            f"(expected format {CHECKPOINT_FORMAT!r})"
+def _check_finite_weights(trainable: list[torch.Tensor], step: int, lr: float) -> None:
+    """Raise ``TrainingDiverged`` if an update left a trainable weight NaN or inf."""
+    if not all(bool(torch.isfinite(p).all()) for p in trainable):
+        raise TrainingDiverged(
+            f"training diverged: a weight is NaN or inf after step {step} (lr={lr:.3g}); "
+            "no checkpoint was written; lower lr or use grad_clip"
         )
-    return state
 
 
 def _scored_loss(logits: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
@@ -226,17 +206,30 @@ def train(
     on CPU. Under ``torchrun`` the model is wrapped in DistributedDataParallel and only
     rank 0 writes checkpoints.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint (the file to continue from)")
+    if checkpoint is not None:
+        check_output_file(checkpoint, "checkpoint")
     rank, world_size, device = distributed_setup(config.device)
     if config.batch_size % world_size:
         raise ValueError(
             f"batch_size must be divisible by the number of processes ({world_size}), "
             f"got {config.batch_size}"
         )
+    merged = [name for name, module in model.named_modules() if getattr(module, "merged", False)]
+    if merged:
+        raise ValueError(
+            f"model: layers {merged[:4]} are merged (their adapter is folded into the weight "
+            "and gets no gradient); unmerge them before training"
+        )
     model.to(device)
     optimizer = make_optimizer(model, config)
     result, start = TrainResult(), 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)
+        check_resumable(state, model, config.steps, checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -269,16 +262,23 @@ def train(
         with autocast:
             logits = runner(x)
         loss = _scored_loss(logits, y, world_size / max(1, n_scored))
+        step_loss = loss.detach().clone()
+        if world_size > 1:
+            dist.all_reduce(step_loss)
+            step_loss /= world_size
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):  # stop before the update spoils the weights
+            raise TrainingDiverged(
+                f"training diverged: the loss of step {step + 1} is {loss_value} (lr={lr:.3g}); "
+                f"the model keeps the weights of step {step} and no checkpoint was written "
+                "since; lower lr or use grad_clip"
+            )
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = loss.detach()
-        if world_size > 1:
-            dist.all_reduce(step_loss)
-            step_loss /= world_size
-        result.losses.append(float(step_loss))
+        result.losses.append(loss_value)
         result.lrs.append(lr)
         bar.set_postfix(loss=f"{result.losses[-1]:.4f}", refresh=False)
         done = step + 1
@@ -291,8 +291,10 @@ def train(
         if checkpoint is not None and rank == 0 and (
             is_last or (config.checkpoint_interval and done % config.checkpoint_interval == 0)
         ):
+            _check_finite_weights(trainable, done, lr)
             save_checkpoint(checkpoint, model, optimizer, done, result, config)
     bar.close()
+    _check_finite_weights(trainable, config.steps, lr_at(config.steps - 1, config))
     result.seconds += time.perf_counter() - t0
     model.eval()
     return result

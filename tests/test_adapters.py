@@ -95,7 +95,7 @@ def test_add_adapters_errors():
     with pytest.raises(ValueError, match="bottleneck must satisfy"):
         adapters.add_adapters(model, 16)
     with pytest.raises(TypeError, match="targets"):
-        adapters.add_adapters(model, 4, targets="o")
+        adapters.add_adapters(model, 4, targets=5)
     adapters.add_adapters(model, 4, targets=("o",))
     with pytest.raises(ValueError, match="already has an adapter"):
         adapters.add_adapters(model, 4, targets=("o",))

@@ -22,6 +22,9 @@ def test_env_command_passes_here():
         "tqdm",
         "safetensors",
         "jupyter kernel",
+        "jupytext",
+        "nbformat",
+        "nbclient",
         "nbval",
         "pedaPEFT",
     ]

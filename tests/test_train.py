@@ -188,7 +188,7 @@ def test_register_method_and_bad_arguments():
         train.finetune(micro_model(), "poetry", "full", quiet(steps=1))
     with pytest.raises(TypeError, match="prepare must be callable"):
         train.register_method("nothing", None)
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         train.TrainConfig(steps=0)
     with pytest.raises(ValueError, match="device must be"):
         train.TrainConfig(device="tpu")
