@@ -29,18 +29,47 @@
 # small GPT — and what that comparison does and does not show.
 
 # %%
+# Setup, the same in every lesson: install pedaPEFT if this Python lacks it (Colab, JupyterHub),
+# check that it is a version this lesson was written for, and seed every random generator.
+# To install from elsewhere than the course repository, set PEDAPEFT_INSTALL_SOURCE to a
+# wheel file, a folder of wheels or any pip requirement (a school's mirror, a pinned version).
+import importlib.util
+import os
+import subprocess
+import sys
+
+LESSON_VERSION = "0.1.0"
+if importlib.util.find_spec("pedaPEFT") is None:
+    install_source = os.environ.get(
+        "PEDAPEFT_INSTALL_SOURCE", f"git+https://github.com/pedapeft/pedaPEFT@v{LESSON_VERSION}"
+    )
+    install_args = [install_source]
+    if os.path.isdir(install_source):
+        install_args = ["--find-links", install_source, f"pedapeft=={LESSON_VERSION}"]
+    print(f"installing pedaPEFT {LESSON_VERSION} from {install_source} ...", flush=True)
+    pip_run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *install_args],
+                             capture_output=True, text=True)
+    if pip_run.returncode != 0:
+        raise RuntimeError(f"pip could not install pedaPEFT:\n{pip_run.stderr}")
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("pedaPEFT") is None:
+        raise RuntimeError("pedaPEFT was installed: restart the kernel and run this cell again")
+
+import pedaPEFT
+from pedaPEFT.course import check_version, seed_everything
+
+check_version(LESSON_VERSION)
+seed_everything(0)
+print(f"pedaPEFT {pedaPEFT.__version__}")
+
+# %%
 import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-import pedaPEFT
 from pedaPEFT import adapters, exercises, experiments, figures, gpt, lora
-from pedaPEFT.course import check_version, seed_everything
 
-check_version("0.1.0")
-seed_everything(0)
 torch.set_printoptions(precision=4, sci_mode=False)
-print(f"pedaPEFT {pedaPEFT.__version__}")
 
 # %% [markdown]
 # ## 1. The bottleneck adapter
@@ -205,12 +234,12 @@ for size in (8, 64, 256):
 # test examples. We do this for `shift` and for the harder `reverse` (write the input
 # backwards), which needs the attention to look at different positions than copying does.
 # This is what `python -m pedaPEFT lora-experiment adapters --scale full` (and
-# `... --task reverse --out figures/data/lora_adapters_reverse.json`) runs; the results are
-# committed in `figures/data/lora_adapters.json` and `lora_adapters_reverse.json`, which the
+# `... --task reverse`) runs; the results ship with the package, in
+# `pedaPEFT/results/lora_adapters.json` and `lora_adapters_reverse.json`, which the
 # tables and the figure below read:
 
 # %%
-for name in ("adapters", "adapters_reverse"):
+for name in ("lora_adapters", "lora_adapters_reverse"):
     results = experiments.load_results(name)
     full = results["config"]
     print(f"=== task {results['task']!r}: {full['steps']} steps, batch {full['batch_size']}, "
@@ -264,7 +293,7 @@ plt.show()
 
 # %%
 small = experiments.SCALES["small"]
-chosen_lr = experiments.load_results("adapters")["lr"]
+chosen_lr = experiments.load_results("lora_adapters")["lr"]
 print(small)
 for method, options in (("top", {"n_blocks": 1}), ("adapter", {"bottleneck": 16})):
     row = experiments.run(method, "shift", 0, small, options, lr=chosen_lr[method])

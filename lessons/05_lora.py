@@ -37,20 +37,49 @@
 # exactly; which weights and which rank to adapt.
 
 # %%
+# Setup, the same in every lesson: install pedaPEFT if this Python lacks it (Colab, JupyterHub),
+# check that it is a version this lesson was written for, and seed every random generator.
+# To install from elsewhere than the course repository, set PEDAPEFT_INSTALL_SOURCE to a
+# wheel file, a folder of wheels or any pip requirement (a school's mirror, a pinned version).
+import importlib.util
+import os
+import subprocess
+import sys
+
+LESSON_VERSION = "0.1.0"
+if importlib.util.find_spec("pedaPEFT") is None:
+    install_source = os.environ.get(
+        "PEDAPEFT_INSTALL_SOURCE", f"git+https://github.com/pedapeft/pedaPEFT@v{LESSON_VERSION}"
+    )
+    install_args = [install_source]
+    if os.path.isdir(install_source):
+        install_args = ["--find-links", install_source, f"pedapeft=={LESSON_VERSION}"]
+    print(f"installing pedaPEFT {LESSON_VERSION} from {install_source} ...", flush=True)
+    pip_run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *install_args],
+                             capture_output=True, text=True)
+    if pip_run.returncode != 0:
+        raise RuntimeError(f"pip could not install pedaPEFT:\n{pip_run.stderr}")
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("pedaPEFT") is None:
+        raise RuntimeError("pedaPEFT was installed: restart the kernel and run this cell again")
+
+import pedaPEFT
+from pedaPEFT.course import check_version, seed_everything
+
+check_version(LESSON_VERSION)
+seed_everything(0)
+print(f"pedaPEFT {pedaPEFT.__version__}")
+
+# %%
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
 
-import pedaPEFT
 from pedaPEFT import exercises, experiments, figures, gpt, lora
-from pedaPEFT.course import check_version, seed_everything
 
-check_version("0.1.0")
-seed_everything(0)
 np.set_printoptions(precision=4, suppress=True)
 torch.set_printoptions(precision=4, sci_mode=False)
-print(f"pedaPEFT {pedaPEFT.__version__}")
 
 # %% [markdown]
 # ## 1. The lecture's $\Delta W = BA$, recomputed
@@ -359,15 +388,15 @@ print(f"RoBERTa-large LoRA 0.8M of 355M: {100 * 0.8 / 355:.3f}% | "
 # which needs the attention to look at *different positions* than copying does.
 #
 # The full configuration is what `python -m pedaPEFT lora-experiment tables --scale full`
-# (and `... --task reverse --out figures/data/lora_tables_reverse.json`) runs; the results
-# are committed in `figures/data/lora_tables.json` and `lora_tables_reverse.json`, and the
+# (and `... --task reverse`) runs; the results ship with the package, in
+# `pedaPEFT/results/lora_tables.json` and `lora_tables_reverse.json`, and the
 # numbers below are read from those files:
 
 # %%
 tiny = gpt.GPTConfig.preset("tiny")
 print(f"tiny GPT: L={tiny.n_layer}, d={tiny.n_embd}; budget 8*L*2d = "
       f"{8 * tiny.n_layer * 2 * tiny.n_embd:,} trainable numbers")
-for name in ("tables", "tables_reverse"):
+for name in ("lora_tables", "lora_tables_reverse"):
     results = experiments.load_results(name)
     full = results["config"]
     print(f"\n=== task {results['task']!r}: {full['steps']} steps, batch {full['batch_size']}, "
@@ -428,7 +457,7 @@ for options in (
     {"r": 8, "alpha": 8, "targets": ["q"]},
     {"r": 4, "alpha": 8, "targets": ["q", "v"]},
 ):
-    lr = experiments.load_results("tables")["lr"]["lora"]
+    lr = experiments.load_results("lora_tables")["lr"]["lora"]
     row = experiments.run("lora", "shift", 0, small, options, lr=lr)
     print(f"{options['targets']}, r={options['r']}: trainable {row['trainable']:,} of "
           f"{row['total']:,}, test exact match {row['accuracy']:.2f}")

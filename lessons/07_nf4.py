@@ -26,19 +26,48 @@
 # lecture's numbers come from), the FP4 format, how to compare quantizers honestly.
 
 # %%
+# Setup, the same in every lesson: install pedaPEFT if this Python lacks it (Colab, JupyterHub),
+# check that it is a version this lesson was written for, and seed every random generator.
+# To install from elsewhere than the course repository, set PEDAPEFT_INSTALL_SOURCE to a
+# wheel file, a folder of wheels or any pip requirement (a school's mirror, a pinned version).
+import importlib.util
+import os
+import subprocess
+import sys
+
+LESSON_VERSION = "0.1.0"
+if importlib.util.find_spec("pedaPEFT") is None:
+    install_source = os.environ.get(
+        "PEDAPEFT_INSTALL_SOURCE", f"git+https://github.com/pedapeft/pedaPEFT@v{LESSON_VERSION}"
+    )
+    install_args = [install_source]
+    if os.path.isdir(install_source):
+        install_args = ["--find-links", install_source, f"pedapeft=={LESSON_VERSION}"]
+    print(f"installing pedaPEFT {LESSON_VERSION} from {install_source} ...", flush=True)
+    pip_run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *install_args],
+                             capture_output=True, text=True)
+    if pip_run.returncode != 0:
+        raise RuntimeError(f"pip could not install pedaPEFT:\n{pip_run.stderr}")
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("pedaPEFT") is None:
+        raise RuntimeError("pedaPEFT was installed: restart the kernel and run this cell again")
+
+import pedaPEFT
+from pedaPEFT.course import check_version, seed_everything
+
+check_version(LESSON_VERSION)
+seed_everything(0)
+print(f"pedaPEFT {pedaPEFT.__version__}")
+
+# %%
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from scipy.stats import norm
 
-import pedaPEFT
 from pedaPEFT import exercises, figures, gpt, quant
-from pedaPEFT.course import check_version, seed_everything
 
-check_version("0.1.0")
-seed_everything(0)
 np.set_printoptions(precision=4, suppress=True)
-print(f"pedaPEFT {pedaPEFT.__version__}")
 
 # %% [markdown]
 # ## 1. Quantile quantization

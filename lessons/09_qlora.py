@@ -33,18 +33,44 @@
 # QLoRA's memory goes (and where it does not), and what 4-bit bases cost in accuracy.
 
 # %%
-import json
+# Setup, the same in every lesson: install pedaPEFT if this Python lacks it (Colab, JupyterHub),
+# check that it is a version this lesson was written for, and seed every random generator.
+# To install from elsewhere than the course repository, set PEDAPEFT_INSTALL_SOURCE to a
+# wheel file, a folder of wheels or any pip requirement (a school's mirror, a pinned version).
+import importlib.util
+import os
+import subprocess
+import sys
 
+LESSON_VERSION = "0.1.0"
+if importlib.util.find_spec("pedaPEFT") is None:
+    install_source = os.environ.get(
+        "PEDAPEFT_INSTALL_SOURCE", f"git+https://github.com/pedapeft/pedaPEFT@v{LESSON_VERSION}"
+    )
+    install_args = [install_source]
+    if os.path.isdir(install_source):
+        install_args = ["--find-links", install_source, f"pedapeft=={LESSON_VERSION}"]
+    print(f"installing pedaPEFT {LESSON_VERSION} from {install_source} ...", flush=True)
+    pip_run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *install_args],
+                             capture_output=True, text=True)
+    if pip_run.returncode != 0:
+        raise RuntimeError(f"pip could not install pedaPEFT:\n{pip_run.stderr}")
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("pedaPEFT") is None:
+        raise RuntimeError("pedaPEFT was installed: restart the kernel and run this cell again")
+
+import pedaPEFT
+from pedaPEFT.course import check_version, seed_everything
+
+check_version(LESSON_VERSION)
+seed_everything(0)
+print(f"pedaPEFT {pedaPEFT.__version__}")
+
+# %%
 import torch
 import torch.nn.functional as F
 
-import pedaPEFT
 from pedaPEFT import data, exercises, experiments, figures, gpt, lora, memory, qlora, quant
-from pedaPEFT.course import check_version, seed_everything
-
-check_version("0.1.0")
-seed_everything(0)
-print(f"pedaPEFT {pedaPEFT.__version__}")
 
 # %% [markdown]
 # ## 1. One layer, stored in 4 bits
@@ -189,7 +215,7 @@ print(f"training state (weights + grads + AdamW) predicted: {refined.static:,.0f
 
 # %%
 small = experiments.SCALES["small"]
-run = experiments.table3_run("QLoRA NF4 + DQ, all linear", "qlora", {}, "reverse", 0, small)
+run = experiments.run("qlora", "reverse", 0, small, lr=experiments.TABLE3_LR["qlora"])
 before = gpt.pretrained_info("tiny")["metrics"]["downstream/reverse"]
 print(f"training loss: step 1 {run['loss_first']:.2f} -> step 30 {run['loss_last']:.2f}")
 print(f"exact match on 'reverse': base {before:.3f} -> after 30 steps {run['accuracy']:.3f} "
@@ -210,10 +236,10 @@ print(f"exact match on 'reverse': base {before:.3f} -> after 30 steps {run['accu
 
 # %%
 for task in ("reverse", "shift"):
-    results = json.loads(experiments.table3_results_path(task).read_text())
+    results = experiments.load_results(f"qlora_table3_{task}")
     print(f"task '{task}', {results['config']['steps']} steps, seeds {results['config']['seeds']}")
     print(f"  {'method':<30} {'trainable':>9} {'stored bytes':>13} {'exact match':>14}")
-    for row in experiments.table3_summary(results):
+    for row in experiments.summarize(results["runs"]):
         print(f"  {row['label']:<30} {row['trainable']:>9,} {row['model_bytes_after']:>13,} "
               f"{row['mean']:>7.3f} ± {row['std']:.3f}")
 

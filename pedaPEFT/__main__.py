@@ -11,7 +11,8 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 TASKS = ("shift", "reverse", "swap")  # pedaPEFT.data.TASKS (a test checks they agree)
-PRESETS = ("tiny", "small", "gpt2")  # pedaPEFT.gpt.PRESETS (a test checks they agree)
+TEXT_DOMAINS = ("asyncio",)  # pedaPEFT.corpus.DOMAINS (a test checks they agree)
+PRESETS = ("tiny", "small", "gpt2", "pydocs")  # pedaPEFT.gpt.PRESETS (a test checks they agree)
 SHIPPED_BASES = sorted(path.stem for path in (Path(__file__).parent / "weights").glob("*.json"))
 METHODS = ("full", "top", "feature", "lora", "adapter", "qlora")
 LINEAR_NAMES = ("q", "k", "v", "o", "fc", "proj")  # every nn.Linear of a GPT block
@@ -25,48 +26,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _number(convert, accepts, allowed: str):
+    """An argparse type: ``convert(text)`` if ``accepts`` it, else an error naming ``allowed``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A number in [0, 1) (argparse type), e.g. a dropout rate."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
+positive_int = _number(int, lambda value: value >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda value: value >= 0, "an integer >= 0")
+positive_float = _number(float, lambda value: math.isfinite(value) and value > 0,
+                         "a finite number > 0")
+probability = _number(float, lambda value: 0 <= value < 1, "a number in [0, 1)")  # e.g. dropout
 
 
 def target_list(text: str) -> list[str]:
@@ -105,6 +84,10 @@ def command_figures(args: argparse.Namespace) -> int:
 
 
 def command_lessons(args: argparse.Namespace) -> int:
+    if args.copy is not None:
+        return copy_lessons(args)
+    if args.student or args.force:
+        raise ValueError("--student and --force go with --copy DIR")
     try:
         from pedaPEFT import notebooks
     except ImportError as error:
@@ -126,10 +109,31 @@ def command_lessons(args: argparse.Namespace) -> int:
     return 0
 
 
+def copy_lessons(args: argparse.Namespace) -> int:
+    """``lessons --copy DIR [--student] [--force]``: the installed notebooks, copied out."""
+    from pedaPEFT import course_files
+
+    if args.names or args.check:
+        print("error: --copy takes no lesson names and no --check", file=sys.stderr)
+        return 2
+    try:
+        written = course_files.copy_lessons(args.copy, student=args.student, force=args.force)
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    kind = "student notebooks" if args.student else "lessons"
+    print(f"copied {len(written)} {kind} to {args.copy}")
+    for path in written:
+        print(f"  {path.name}")
+    print(f"open them with: jupyter lab {args.copy}")
+    return 0
+
+
 def command_lora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments, files
 
-    out = Path(args.out) if args.out else experiments.results_path(args.name)
+    name = f"lora_{args.name}" + ("" if args.task in (None, "shift") else f"_{args.task}")
+    out = Path(args.out) if args.out else experiments.results_path(name)
     files.check_output_file(out, "--out")
     results = experiments.experiment(args.name, args.scale, args.task, log=print)
     experiments.write_results(results, out)
@@ -144,7 +148,7 @@ def command_pretrain(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import files, gpt, train
+    from pedaPEFT import files, gpt, train, train_text
 
     out = files.check_output_dir(args.out, "--out")
     for path in gpt.pretrained_paths(args.preset, out):
@@ -152,17 +156,23 @@ def command_pretrain(args: argparse.Namespace) -> int:
     if args.checkpoint:
         files.check_output_file(args.checkpoint, "--checkpoint")
     torch.set_num_threads(args.threads)
-    config = replace(train.PRETRAIN_CONFIG, progress=not args.no_progress)
+    text = args.preset in train_text.TEXT_PRESETS
+    recipe = train_text if text else train
+    config = train_text.PYDOCS_PRETRAIN_CONFIG if text else train.PRETRAIN_CONFIG
+    config = replace(config, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     start = time.perf_counter()
-    model, info = train.pretrain_base(args.preset, config, args.seed, args.checkpoint,
-                                      args.resume)
+    model, info = recipe.pretrain_base(args.preset, config, args.seed, args.checkpoint,
+                                       args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        weights, _ = gpt.save_pretrained(model, info, out, args.preset)
+        # A text base is stored in bfloat16, half the download; the tests measure its
+        # validation perplexity again on the stored weights.
+        dtype = torch.bfloat16 if text else None
+        weights, _ = gpt.save_pretrained(model, info, out, args.preset, dtype=dtype)
         print(f"final loss {info['final_loss']:.4f}")
         for name, value in info["metrics"].items():
-            print(f"exact match {name}: {value:.3f}")
+            print(f"{name}: {value}" if text else f"exact match {name}: {value:.3f}")
         print(f"wrote {weights} ({time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -172,7 +182,7 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pedaPEFT import files, gpt, train
+    from pedaPEFT import corpus, files, gpt, train, train_text
 
     if args.checkpoint:
         files.check_output_file(args.checkpoint, "--checkpoint")
@@ -186,12 +196,24 @@ def command_finetune(args: argparse.Namespace) -> int:
     elif args.method == "adapter":
         options = {"bottleneck": args.bottleneck}
     torch.set_num_threads(args.threads)
-    config = replace(train.FINETUNE_CONFIG, progress=not args.no_progress)
+    text = args.task in corpus.DOMAINS
+    defaults = train_text.TEXT_FINETUNE_CONFIG if text else train.FINETUNE_CONFIG
+    config = replace(defaults, progress=not args.no_progress)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     if args.lr is not None:
         config = replace(config, lr=args.lr)
-    model = gpt.load_pretrained(args.base)
+    base = args.base or ("pydocs" if text else "tiny")
+    model = gpt.load_pretrained(base)
+    if text:
+        result = train_text.finetune_text(model, args.task, args.method, config,
+                                          method_options=options, checkpoint=args.checkpoint)
+        print(f"domain {result.domain} on base {base}, method {result.method}: trainable "
+              f"{result.trainable:,} of {result.total:,} parameters "
+              f"({100 * result.trainable_fraction:.2f}%)")
+        print(f"held-out perplexity before {result.perplexity_before:.2f}, after "
+              f"{result.perplexity:.2f} ({result.run.seconds:.0f} s)")
+        return 0
     result = train.finetune(model, args.task, args.method, config, n_train=args.n_train,
                             method_options=options, checkpoint=args.checkpoint)
     print(f"task {result.task}, method {result.method}: trainable {result.trainable:,} of "
@@ -214,9 +236,9 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_qlora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments, files
 
-    out = Path(args.out) if args.out else experiments.table3_results_path(args.task)
+    out = Path(args.out) if args.out else experiments.results_path(f"qlora_table3_{args.task}")
     files.check_output_file(out, "--out")
-    results = experiments.table3_experiment(args.scale, args.task, log=print)
+    results = experiments.experiment("qlora_table3", args.scale, args.task, log=print)
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0
@@ -245,6 +267,20 @@ def command_grade(args: argparse.Namespace) -> int:
         return 2
     csv_path, summary = grading.write_gradebook(grades, Path(args.out))
     print(f"wrote {csv_path} and {summary} ({len(grades)} notebooks)")
+    return 0
+
+
+def command_realtext_experiment(args: argparse.Namespace) -> int:
+    from pedaPEFT import experiments, files, realtext
+
+    out = Path(args.out) if args.out else realtext.results_path()
+    files.check_output_file(out, "--out")
+    results = realtext.experiment(args.scale, log=print)
+    experiments.write_results(results, out)
+    for row in results["summary"]:
+        print(f"{row['label']:16s} perplexity {row['perplexity_before']:.2f} -> "
+              f"{row['perplexity_after']:.2f} ± {row['perplexity_after_std']:.2f}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -286,24 +322,50 @@ def build_parser() -> argparse.ArgumentParser:
     qlora_experiment.add_argument("--task", default="reverse", choices=TASKS,
                                   help="downstream task (default: reverse)")
     qlora_experiment.add_argument(
-        "--out", default=None, help="output JSON (default: figures/data/qlora_table3_<task>.json)"
+        "--out", default=None,
+        help="output JSON (default: results/qlora_table3_<task>.json in the working directory; "
+             "--out pedaPEFT/results/qlora_table3_<task>.json refreshes a clone's committed copy)"
     )
     qlora_experiment.set_defaults(run=command_qlora_experiment)
+
+    realtext = commands.add_parser(
+        "realtext-experiment",
+        help="lesson 11's sweep: full FT, LoRA and QLoRA of the pydocs base on held-out text",
+    )
+    realtext.add_argument("--scale", choices=["small", "full"], default="small")
+    realtext.add_argument(
+        "--out", default=None, help="output JSON (default: figures/data/realtext_asyncio.json)"
+    )
+    realtext.set_defaults(run=command_realtext_experiment)
 
     env = commands.add_parser("env", help="check that this machine has what the course needs")
     env.set_defaults(run=command_env)
 
     figures = commands.add_parser("figures", help="regenerate every PNG in figures/")
     figures.add_argument("names", nargs="*", help="figure names (default: all)")
-    figures.add_argument("--out", default=str(REPO_DIR / "figures"), help="output folder")
+    figures.add_argument("--out", default="figures",
+                         help="output folder (default: figures/ in the working directory)")
     figures.set_defaults(run=command_figures)
 
     lessons = commands.add_parser(
-        "lessons", help="build lesson notebooks (with outputs) and student copies from scripts"
+        "lessons",
+        help="copy the lessons out of the installed package (--copy DIR), or, in a clone, "
+             "build notebooks (with outputs) and student copies from their scripts",
     )
     lessons.add_argument("names", nargs="*", help="lessons to build, e.g. 01 (default: all)")
     lessons.add_argument(
         "--check", action="store_true", help="only report drift between scripts and notebooks"
+    )
+    lessons.add_argument(
+        "--copy", metavar="DIR", default=None,
+        help="copy the installed lesson notebooks into DIR (created if missing)",
+    )
+    lessons.add_argument(
+        "--student", action="store_true",
+        help="with --copy: the exercise versions (solutions stubbed, outputs cleared)",
+    )
+    lessons.add_argument(
+        "--force", action="store_true", help="with --copy: overwrite notebooks already in DIR"
     )
     lessons.set_defaults(run=command_lessons)
 
@@ -321,21 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     lora_experiment.add_argument("--task", default=None, choices=TASKS,
                                  help="downstream task (default: shift)")
     lora_experiment.add_argument(
-        "--out", default=None, help="output JSON (default: figures/data/lora_<name>.json)"
+        "--out", default=None,
+        help="output JSON (default: results/lora_<name>[_<task>].json in the working directory; "
+             "--out pedaPEFT/results/lora_<name>.json refreshes a clone's committed copy)"
     )
     lora_experiment.set_defaults(run=command_lora_experiment)
 
     pretrain = commands.add_parser(
-        "pretrain", help="pretrain a GPT preset on the synthetic mixture and save it as a base"
+        "pretrain", help="pretrain a GPT preset (synthetic mixture, or Python's documentation "
+                         "for pydocs) and save it as a base"
     )
     pretrain.add_argument("--preset", default="tiny", choices=PRESETS,
-                          help="tiny (default), small or gpt2")
+                          help="tiny (default), small, gpt2 or pydocs (real text)")
     pretrain.add_argument("--steps", type=positive_int, default=None,
                           help="training steps (default: the recipe's)")
     pretrain.add_argument("--seed", type=non_negative_int, default=0)
     pretrain.add_argument("--out", default="runs",
-                          help="output folder (default: runs; the shipped bases are replaced "
-                               "only with --out pointing at them and --force)")
+                          help="output folder (default: runs/ in the working directory; "
+                               "--out pedaPEFT/weights --force refreshes a clone's shipped base)")
     pretrain.add_argument("--force", action="store_true",
                           help="replace <out>/<preset>.safetensors and .json if they exist")
     pretrain.add_argument("--checkpoint", default=None, help="checkpoint file to write")
@@ -348,12 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser(
         "finetune", help="fine-tune the pretrained base on a downstream task and score it"
     )
-    finetune.add_argument("--task", required=True, choices=TASKS,
-                          help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS)")
+    finetune.add_argument("--task", required=True, choices=TASKS + TEXT_DOMAINS,
+                          help="downstream task: shift, reverse or swap (pedaPEFT.data.TASKS), "
+                               "or a held-out text domain: asyncio (pedaPEFT.corpus.DOMAINS)")
     finetune.add_argument("--method", default="full", choices=METHODS,
                           help="full (default), top, feature, lora, adapter or qlora")
-    finetune.add_argument("--base", default="tiny", choices=SHIPPED_BASES,
-                          help="shipped base (default tiny)")
+    finetune.add_argument("--base", default=None, choices=SHIPPED_BASES,
+                          help="shipped base (default: pydocs for a text domain, else tiny)")
     finetune.add_argument("--steps", type=positive_int, default=None,
                           help="training steps (default: train.FINETUNE_CONFIG's)")
     finetune.add_argument("--lr", type=positive_float, default=None,

@@ -119,6 +119,13 @@ def adamw_update(
 def state_bytes(param: Tensor) -> int:
     """Bytes of AdamW state for ``param``: two moments of its shape and dtype.
 
-    Introduced in lesson 10.
+    Introduced in lesson 10, section "1. What AdamW keeps, and why it can be updated in slices".
     """
     return 2 * param.numel() * param.element_size()
+
+
+def check_byte_count(value: object, name: str) -> int:
+    """``value`` if it is a positive int (a number of bytes), else a ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer number of bytes, got {value!r}")
+    return value

@@ -67,7 +67,7 @@ def bottleneck_param_count(d_model: int, bottleneck: int, bias: bool = True) -> 
     >>> bottleneck_param_count(1024, 24)
     50200
 
-    Introduced in lesson 4.
+    Introduced in lesson 4, section "2. Counting parameters: the lecture's example".
     """
     d_model, bottleneck = _check_bottleneck(d_model, bottleneck)
     weights = 2 * d_model * bottleneck
@@ -82,7 +82,7 @@ class BottleneckAdapter(nn.Module):
         bottleneck: size ``m`` of the bottleneck, ``0 < m < d``.
         activation: one of ``"gelu"``, ``"relu"``, ``"swish"``, ``"tanh"``.
 
-    Introduced in lesson 4.
+    Introduced in lesson 4, section "3. An adapter, step by step".
     """
 
     def __init__(self, d_model: int, bottleneck: int, activation: str = "gelu") -> None:
@@ -152,7 +152,7 @@ def add_adapters(
 
     Returns the names of the wrapped modules, in ``model.named_modules()`` order.
 
-    Introduced in lesson 4.
+    Introduced in lesson 4, section "4. Where adapters go".
     """
     targets = check_targets(targets)
     _check_positive_int(bottleneck, "bottleneck")

@@ -25,13 +25,15 @@ def _parse(version: str) -> tuple[int, ...]:
 def check_version(written_for: str) -> None:
     """Raise if the installed pedaPEFT cannot run a lesson written for ``written_for``.
 
-    Compatible means: same major version, and installed >= written_for.
+    Compatible means: same major version, and installed >= written_for. The error is one line
+    that says which version to install and how.
     """
     wanted, installed = _parse(written_for), _parse(pedaPEFT.__version__)
     if installed[0] != wanted[0] or installed < wanted:
         raise RuntimeError(
-            f"this lesson was written for pedaPEFT {written_for}, but {pedaPEFT.__version__} "
-            "is installed; reinstall from the same checkout: python -m pip install -e ."
+            f"this lesson was written for pedaPEFT {written_for} but {pedaPEFT.__version__} is "
+            f"installed: python -m pip install \"git+{pedaPEFT.REPOSITORY_URL}@v{written_for}\" "
+            "(in a clone of the course: python -m pip install -e .), then restart the kernel"
         )
 
 

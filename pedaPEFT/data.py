@@ -38,7 +38,7 @@ LETTERS = string.ascii_lowercase
 def encode(text: str) -> list[int]:
     """Character ids of ``text`` in the synthetic alphabet ``CHARS``.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks".
     """
     unknown = sorted(set(text) - set(STOI))
     if unknown:
@@ -49,7 +49,7 @@ def encode(text: str) -> list[int]:
 def decode(ids: list[int] | torch.Tensor) -> str:
     """Inverse of ``encode``; every id must be an integer in [0, len(CHARS)).
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks".
     """
     if isinstance(ids, torch.Tensor):
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -183,7 +183,8 @@ def task_data(name: str, split: str, n: int, block_size: int = 16) -> TaskData:
     The two splits come from different random streams, and test inputs are removed from
     the training split, so test accuracy measures generalisation to unseen strings.
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lesson 9.
     """
     task = get_task(name)
     if split not in SPLIT_SEEDS:
@@ -213,7 +214,8 @@ def pretrain_batch(
     Fresh examples each step, a pure function of (seed, step). Every character after the
     first is a target (language modelling), padding is not.
 
-    Introduced in lesson 3, used again in lesson 10.
+    Introduced in lesson 3, section "Checking the accounting against real tensors";
+    used again in lesson 10.
     """
     rng = np.random.default_rng([seed, step])
     tasks = list(PRETRAIN_TASKS.values())
@@ -225,7 +227,7 @@ def pretrain_batch(
 def exact_match(model: torch.nn.Module, data: TaskData, batch_size: int = 256) -> float:
     """Fraction of examples whose whole answer is predicted correctly (teacher-forced arg-max).
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks".
     """
     was_training = model.training
     model.eval()

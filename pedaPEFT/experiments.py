@@ -1,10 +1,11 @@
-"""Fine-tuning experiments on the small GPT behind lessons 4 and 5, and their result files.
+"""Fine-tuning experiments on the small GPT behind lessons 4, 5 and 9, and their result files.
 
 Each experiment fine-tunes the shipped pretrained base (``gpt.load_pretrained``) on one
 downstream task of :mod:`pedaPEFT.data` with several methods or LoRA settings and several
 seeds, and reports exact-match accuracy on the unseen test split.  A seed changes the random
 initialisation of the new parameters (LoRA's ``A``, the adapters' down-projections) and the
-order of the training batches.
+order of the training batches. One runner (:func:`run`, :func:`run_many`), one summary
+(:func:`summarize`) and one place for result files (:func:`results_path`) serve them all.
 
 * ``adapters``: full fine-tuning, top-layer fine-tuning, bottleneck adapters and LoRA at
   their trainable share (lesson 4; the lecture's adapter slide).
@@ -23,8 +24,9 @@ order of the training batches.
   LoRA on a float32 base and QLoRA on int8, FP4 and NF4 + DQ bases, at the same r and α.
 
 ``SCALES["small"]`` runs in seconds (the lessons and tests use it); ``SCALES["full"]`` is
-what ``python -m pedaPEFT experiment NAME --scale full`` runs to write the committed results
-in ``figures/data/`` that the figures plot.
+what ``python -m pedaPEFT lora-experiment NAME --scale full`` runs; its results, committed in
+``pedaPEFT/results/`` (package data, see :mod:`pedaPEFT.course_files`), are what the figures
+plot and the lessons read.
 """
 
 from __future__ import annotations
@@ -42,10 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pedaPEFT import data, gpt, linalg, lora, qlora, train
+from pedaPEFT import course_files, data, gpt, linalg, lora, qlora, train
 from pedaPEFT.files import atomic_write_text
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "figures" / "data"
 
 
 @dataclass(frozen=True)
@@ -113,17 +113,22 @@ def run(
     validation: bool = False,
     base: str = "tiny",
 ) -> dict[str, object]:
-    """Fine-tune a fresh copy of the pretrained base once; return counts and accuracy.
+    """Fine-tune a fresh copy of the pretrained base once; return counts, sizes and accuracy.
 
-    Accuracy is measured on the test split, or with ``validation=True`` on ``N_VALIDATION``
-    further examples of the training stream that training never sees (for choosing ``lr``).
+    The seed sets the new parameters' initialisation and the batch order (a quantized base is
+    the same for every seed: quantization is deterministic). Accuracy is measured on the test
+    split, or with ``validation=True`` on ``N_VALIDATION`` further examples of the training
+    stream that training never sees (for choosing ``lr``).
 
-    Introduced in lesson 4, used again in lesson 5.
+    Introduced in lesson 4, section "5. Adapters on a downstream task";
+    used again in lessons 5 and 9.
     """
     if method not in train.METHODS:
         raise ValueError(f"method must be one of {sorted(train.METHODS)}, got {method!r}")
+    options = options or {}
     torch.manual_seed(seed)
     model = gpt.load_pretrained(base)
+    n_base, bytes_before = gpt.parameter_count(model.config), qlora.model_bytes(model)
     block = model.config.block_size
     stream = data.task_data(task, "train", scale.n_train + N_VALIDATION, block)
     train_set = data.TaskData(task, "train", stream.x[: scale.n_train], stream.y[: scale.n_train])
@@ -133,7 +138,7 @@ def run(
         )
     else:
         test_set = data.task_data(task, "test", scale.n_test, block)
-    model = train.METHODS[method](model, **(options or {}))
+    model = train.METHODS[method](model, **options)
     trainable, total = lora.count_parameters(model)
     start = time.perf_counter()
     result = train_prepared(
@@ -143,11 +148,16 @@ def run(
     seconds = time.perf_counter() - start
     return {
         "method": method,
-        "options": options or {},
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
         "seed": seed,
         "lr": lr,
         "trainable": trainable,
         "total": total,
+        "base_parameters": n_base,
+        "model_bytes_before": bytes_before,
+        "model_bytes_after": qlora.model_bytes(model),
+        "loss_first": result.losses[0],
+        "loss_last": result.losses[-1],
         "accuracy": result.evals[-1]["accuracy"],
         "curve": [[e["step"], e["accuracy"]] for e in result.evals],
         "seconds": round(seconds, 2),
@@ -196,54 +206,72 @@ def choose_lr(
 
 
 def run_many(
-    settings: Iterable[tuple[str, str, dict]],
+    settings: Iterable[dict],
     task: str,
     scale: Scale,
     lrs: dict[str, float],
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, object]]:
-    """Run every (group, method, options) for every seed at ``lrs[method]``; once per run."""
+    """Every setting for every seed of ``scale``, at ``lrs[method]``; a run shared by two
+    settings runs once.
+
+    A setting is a dict with ``method`` and ``options``; its other entries (``group``,
+    ``label``) are copied into each of its rows.
+    """
     rows: list[dict[str, object]] = []
     done: dict[str, dict[str, object]] = {}
-    for group, method, options in settings:
+    for setting in settings:
+        method, options = setting["method"], setting["options"]
+        tags = {k: v for k, v in setting.items() if k not in ("method", "options")}
         for seed in scale.seeds:
             key = json.dumps([method, options, seed], sort_keys=True)
             if key not in done:
                 done[key] = run(method, task, seed, scale, options, lr=lrs[method])
                 if log is not None:
-                    log(f"{method} {options} seed {seed}: accuracy {done[key]['accuracy']:.3f}")
-            rows.append({"group": group, **done[key]})
+                    log(f"{' '.join(map(str, tags.values()))}: {method} {options} seed {seed}: "
+                        f"accuracy {done[key]['accuracy']:.3f}")
+            rows.append({**tags, **done[key]})
     return rows
 
 
-def experiment(name: str, scale_name: str = "small", task: str | None = None, log=None) -> dict:
-    """Run experiment ``name`` (``"adapters"`` or ``"tables"``); returns a JSON-able dict.
+EXPERIMENTS = ("adapters", "tables", "qlora_table3")
 
-    First one learning rate per method is chosen from ``LR_GRID`` on a validation split
-    (``adapters``: for each method at its first setting; ``tables``: for LoRA on
-    {W_q, W_v}, r = 4, and used for every table entry), then every setting runs with every
-    seed and is scored on the test split.
+
+def experiment(name: str, scale_name: str = "small", task: str | None = None, log=None) -> dict:
+    """Run experiment ``name`` (one of ``EXPERIMENTS``); returns a JSON-able dict.
+
+    ``adapters`` and ``tables`` first choose one learning rate per method from ``LR_GRID`` on
+    a validation split (``adapters``: for each method at its first setting; ``tables``: for
+    LoRA on {W_q, W_v}, r = 4, used for every table entry); ``qlora_table3`` uses
+    ``TABLE3_LR``. Then every setting runs with every seed and is scored on the test split.
+    The task defaults to ``shift`` (``reverse`` for table 3).
     """
     if scale_name not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale_name!r}")
     scale = SCALES[scale_name]
-    task = task or "shift"
-    if name == "adapters":
-        settings = [("methods", method, options) for method, options in adapter_settings()]
-    elif name == "tables":
-        settings = [(table, "lora", options) for table, options in lora_table_settings()]
-        qv = {"r": BUDGET_RANK // 2, "alpha": LORA_ALPHA, "targets": ["q", "v"]}
-        settings.insert(0, ("lr search", "lora", qv))
-    else:
-        raise ValueError(f"name must be one of ['adapters', 'tables'], got {name!r}")
-    start = time.perf_counter()
     lrs: dict[str, float] = {}
+    if name == "adapters":
+        settings = [{"group": "methods", "method": method, "options": options}
+                    for method, options in adapter_settings()]
+        search = settings
+    elif name == "tables":
+        settings = [{"group": table, "method": "lora", "options": options}
+                    for table, options in lora_table_settings()]
+        qv = {"r": BUDGET_RANK // 2, "alpha": LORA_ALPHA, "targets": ["q", "v"]}
+        search = [{"method": "lora", "options": qv}]
+    elif name == "qlora_table3":
+        settings = [{"label": label, "method": method, "options": options}
+                    for label, method, options in TABLE3_SETTINGS]
+        search, lrs = [], dict(TABLE3_LR)
+    else:
+        raise ValueError(f"name must be one of {list(EXPERIMENTS)}, got {name!r}")
+    task = task or ("reverse" if name == "qlora_table3" else "shift")
+    start = time.perf_counter()
     searches: dict[str, dict[str, float]] = {}
-    for _, method, options in settings:
-        if method not in lrs:
-            lrs[method], searches[method] = choose_lr(method, options, task, scale, log)
-    if name == "tables":
-        settings = settings[1:]
+    for setting in search:
+        if setting["method"] not in lrs:
+            lrs[setting["method"]], searches[setting["method"]] = choose_lr(
+                setting["method"], setting["options"], task, scale, log)
     rows = run_many(settings, task, scale, lrs, log)
     return {
         "experiment": name,
@@ -260,7 +288,7 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
         "distinct_runs": len(
             {json.dumps([r["method"], r["options"], r["seed"]], sort_keys=True) for r in rows}
         )
-        + len(LR_GRID) * len(lrs),
+        + len(LR_GRID) * len(searches),
         "runs": rows,
     }
 
@@ -268,41 +296,36 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
 def base_sha256(base: str = "tiny") -> str:
     """SHA-256 of the shipped base's weights file, to tie result files to the base they used.
 
-    Introduced in lesson 4, used again in lesson 5.
+    Introduced in lesson 4, section "5. Adapters on a downstream task"; used again in lesson 5.
     """
     weights, _ = gpt.pretrained_paths(base)
     return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
+SETTING_FIELDS = ("label", "method", "options", "trainable", "total", "base_parameters",
+                  "model_bytes_after")
+"""What a summary keeps of a setting's first row (the fields a row has that seeds share)."""
+
+
 def summarize(rows: Iterable[dict], group: str | None = None) -> list[dict[str, object]]:
-    """Mean and sample standard deviation of accuracy over seeds, per (method, options).
+    """Mean and sample standard deviation of accuracy over seeds, per setting (label, method
+    and options), optionally only the rows of ``group``.
 
-    Returns one dict per setting, in first-seen order, with ``mean``, ``std`` (0 for one seed),
-    ``n`` and the trainable count.
+    Returns one dict per setting, in first-seen order: the row's ``SETTING_FIELDS`` it has,
+    ``mean``, ``std`` (0 for one seed) and ``n``.
 
-    Introduced in lesson 4, used again in lesson 5.
+    Introduced in lesson 4, section "5. Adapters on a downstream task";
+    used again in lessons 5 and 9.
     """
-    settings: dict[str, dict] = {}
+    settings: dict[str, tuple[dict, list[float]]] = {}
     for row in rows:
-        if group is not None and row["group"] != group:
+        if group is not None and row.get("group") != group:
             continue
-        key = json.dumps([row["method"], row["options"]], sort_keys=True)
-        entry = settings.setdefault(
-            key,
-            {
-                "method": row["method"],
-                "options": row["options"],
-                "trainable": row["trainable"],
-                "total": row["total"],
-                "accuracies": [],
-            },
-        )
-        entry["accuracies"].append(row["accuracy"])
-    summary = []
-    for entry in settings.values():
-        accuracies = entry.pop("accuracies")
-        summary.append({**entry, **_mean_std(accuracies), "n": len(accuracies)})
-    return summary
+        key = json.dumps([row.get("label"), row["method"], row["options"]], sort_keys=True)
+        fields = {k: row[k] for k in SETTING_FIELDS if k in row}
+        settings.setdefault(key, (fields, []))[1].append(row["accuracy"])
+    return [{**fields, **_mean_std(accuracies), "n": len(accuracies)}
+            for fields, accuracies in settings.values()]
 
 
 def _mean_std(accuracies: list[float]) -> dict[str, float]:
@@ -312,8 +335,11 @@ def _mean_std(accuracies: list[float]) -> dict[str, float]:
 
 
 def results_path(name: str) -> Path:
-    """``figures/data/lora_<name>.json``: where the full-scale results are committed."""
-    return DATA_DIR / f"lora_{name}.json"
+    """``results/<name>.json`` in the working directory: where the experiment commands write the
+    full-scale results ``name`` (``lora_adapters``, ``lora_tables``, ``qlora_table3_reverse``,
+    …; ``_<task>`` ends the name of a task other than the experiment's default). The committed
+    copies that lessons read ship in the package (``pedaPEFT/results/``, :func:`load_results`)."""
+    return course_files.RESULTS_OUT / f"{name}.json"
 
 
 def write_results(results: dict, path: str | os.PathLike) -> Path:
@@ -321,18 +347,26 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
-def load_results(name: str) -> dict:
-    """The committed full-scale results of experiment ``name``.
+def _command_that_writes(name: str) -> str:
+    """The CLI command that writes results file ``name`` (see :func:`results_path`)."""
+    if name.startswith("qlora_table3"):
+        task = name.removeprefix("qlora_table3").lstrip("_") or "reverse"
+        return f"python -m pedaPEFT qlora-experiment --scale full --task {task}"
+    experiment_name, _, task = name.removeprefix("lora_").partition("_")
+    command = f"python -m pedaPEFT lora-experiment {experiment_name} --scale full"
+    return command + (f" --task {task}" if task else "")
 
-    Introduced in lesson 4, used again in lesson 5.
+
+def load_results(name: str) -> dict:
+    """The committed full-scale results of experiment ``name`` (shipped with the package).
+
+    Introduced in lesson 4, section "5. Adapters on a downstream task";
+    used again in lessons 5 and 9.
     """
-    path = results_path(name)
-    if not path.exists():
-        raise ValueError(
-            f"no results for {name!r} at {path}; run python -m pedaPEFT lora-experiment {name} "
-            "--scale full"
-        )
-    return json.loads(path.read_text())
+    return course_files.load_shipped_results(
+        f"{name}.json",
+        f"{_command_that_writes(name)} --out pedaPEFT/results/{name}.json (in a clone)",
+    )
 
 
 SCALING_RULES = ("alpha/r", "alpha/sqrt(r)", "none")
@@ -376,7 +410,7 @@ def alpha_scaling(
     ``ranks[i]``.  ``losses[rule][r][j]``: MSE after ``sweep_steps`` steps at ``lrs[j]``
     (rules ``alpha/r`` and ``none``).  At r = α = 8 all rules coincide.
 
-    Introduced in lesson 5.
+    Introduced in lesson 5, section "4. Why scale by $\\alpha/r$?".
     """
     task = linalg.planted_update_task(d_out=64, d_in=96, update_rank=4, n_samples=256, seed=0)
     norms = {
@@ -417,79 +451,3 @@ TABLE3_SETTINGS: tuple[tuple[str, str, dict], ...] = (
 
 TABLE3_LR = {"full": 1e-3, "lora": 4e-3, "qlora": 4e-3}
 """Peak learning rates per method, the same for LoRA and QLoRA."""
-
-
-def table3_run(label: str, method: str, options: dict, task: str, seed: int, scale) -> dict:
-    """Fine-tune a fresh copy of the shipped tiny base once; return counts and test accuracy.
-
-    ``scale`` is a :class:`Scale`. The seed sets LoRA's initialisation and the batch
-    order; the quantized base is the same for every seed (quantization is deterministic).
-
-    Introduced in lesson 9.
-    """
-    torch.manual_seed(seed)
-    model = gpt.load_pretrained("tiny")
-    n_base = gpt.parameter_count(model.config)
-    dense_bytes = qlora.model_bytes(model)
-    block = model.config.block_size
-    train_set = data.task_data(task, "train", scale.n_train, block)
-    test_set = data.task_data(task, "test", scale.n_test, block)
-    model = train.METHODS[method](model, **options)
-    trainable, _ = lora.count_parameters(model)
-    run = train_prepared(model, train_set, scale, TABLE3_LR[method], seed)
-    return {
-        "label": label, "method": method, "options": {k: list(v) if isinstance(v, tuple) else v
-                                                      for k, v in options.items()},
-        "seed": seed, "trainable": trainable, "base_parameters": n_base,
-        "model_bytes_before": dense_bytes, "model_bytes_after": qlora.model_bytes(model),
-        "loss_first": run.losses[0], "loss_last": run.losses[-1],
-        "accuracy": data.exact_match(model, test_set),
-    }
-
-
-def table3_experiment(scale_name: str = "small", task: str = "reverse", log=None,
-                      settings: tuple[int, ...] | None = None) -> dict:
-    """``TABLE3_SETTINGS`` (all, or the entries numbered ``settings``) for every seed of
-    ``SCALES[scale_name]`` ("small": seconds, for CI; "full": 300 steps of 64
-    examples, three seeds)."""
-    if scale_name not in SCALES:
-        raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale_name!r}")
-    scale = SCALES[scale_name]
-    chosen = range(len(TABLE3_SETTINGS)) if settings is None else settings
-    rows = []
-    for label, method, options in (TABLE3_SETTINGS[i] for i in chosen):
-        for seed in scale.seeds:
-            rows.append(table3_run(label, method, options, task, seed, scale))
-            if log is not None:
-                log(f"{label}, seed {seed}: accuracy {rows[-1]['accuracy']:.3f}")
-    return {"experiment": "qlora_table3", "task": task, "scale": scale_name,
-            "base_sha256": base_sha256(), "config": asdict(scale), "lr": TABLE3_LR,
-            "torch": torch.__version__, "runs": rows}
-
-
-def table3_summary(results: dict) -> list[dict]:
-    """Mean and sample standard deviation of accuracy over seeds, per setting, in table order.
-
-    Introduced in lesson 9.
-    """
-    summary = []
-    for label, method, _ in TABLE3_SETTINGS:
-        runs = [r for r in results["runs"] if r["label"] == label]
-        if not runs:
-            continue
-        accuracies = [r["accuracy"] for r in runs]
-        summary.append({
-            "label": label, "method": method, "trainable": runs[0]["trainable"],
-            "base_parameters": runs[0]["base_parameters"],
-            "model_bytes_after": runs[0]["model_bytes_after"], "n": len(runs),
-            **_mean_std(accuracies),
-        })
-    return summary
-
-
-def table3_results_path(task: str = "reverse") -> Path:
-    """``figures/data/qlora_table3_<task>.json``: the committed full-scale results.
-
-    Introduced in lesson 9.
-    """
-    return DATA_DIR / f"qlora_table3_{task}.json"

@@ -1,9 +1,10 @@
 """Every figure of the course, one function each, and the command that writes them all.
 
 A figure function builds its plot from the package (or from a small committed results file in
-``figures/data/``) and returns the ``Figure``; it never writes files. Lessons call the same
+``pedaPEFT/results/``) and returns the ``Figure``; it never writes files. Lessons call the same
 functions to show the figures, so a figure in ``figures/`` is exactly what the lesson shows.
-``python -m pedaPEFT figures`` calls every registered function and writes ``figures/<name>.png``.
+``python -m pedaPEFT figures`` calls every registered function and writes ``figures/<name>.png``
+under the working directory (a clone's committed ``figures/`` when run from its root).
 """
 
 import functools
@@ -27,7 +28,6 @@ from pedaPEFT.files import atomic_write
 
 FigureFunction = Callable[[], Figure]
 FIGURES: dict[str, FigureFunction] = dict(figures_quant.FIGURES)
-DATA_DIR = Path(__file__).resolve().parent.parent / "figures" / "data"
 
 STYLE = {
     "figure.dpi": 100,
@@ -343,9 +343,9 @@ def _summary_by_key(rows: list[dict], group: str) -> dict[tuple, dict]:
     }
 
 
-LORA_RESULT_FILES = {"tables": ("tables", "tables_reverse"),
-                     "adapters": ("adapters", "adapters_reverse")}
-"""Committed result files (``figures/data/lora_<name>.json``): task ``shift``, then ``reverse``."""
+LORA_RESULT_FILES = {"tables": ("lora_tables", "lora_tables_reverse"),
+                     "adapters": ("lora_adapters", "lora_adapters_reverse")}
+"""Committed result files (``pedaPEFT/results/<name>.json``): task ``shift``, then ``reverse``."""
 
 
 @register("lora_tables")
@@ -412,14 +412,12 @@ def adapter_methods() -> Figure:
 @register("qlora_table3")
 def qlora_table3(results: dict | None = None) -> Figure:
     """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8), each seed a
-    dot and the mean ± standard deviation a bar (``figures/data/qlora_table3.json``)."""
-    import json
-
+    dot and the mean ± standard deviation a bar (``pedaPEFT/results/qlora_table3_<task>.json``)."""
     from pedaPEFT import experiments
 
     if results is None:
-        results = json.loads(experiments.table3_results_path().read_text())
-    summary = experiments.table3_summary(results)
+        results = experiments.load_results("qlora_table3_reverse")
+    summary = experiments.summarize(results["runs"])
     figure = Figure(figsize=(8, 3.8))
     ax = figure.subplots()
     colors = {"full": "C7", "lora": "C1", "qlora": "C0"}
@@ -433,5 +431,39 @@ def qlora_table3(results: dict | None = None) -> Figure:
     ax.set(xlim=(0, 1), xlabel="exact match on the test split",
            title=f"'{results['task']}', {results['config']['steps']} steps, "
                  f"{len(results['config']['seeds'])} seeds (dots)")
+    figure.tight_layout()
+    return figure
+
+
+@register("realtext_perplexity")
+def realtext_perplexity(results: dict | None = None) -> Figure:
+    """Lesson 11: held-out-domain perplexity of the pydocs base before (grey line) and after
+    full fine-tuning, LoRA and QLoRA, mean ± standard deviation over seeds (dots), next to the
+    trainable parameters of each method (``figures/data/realtext_asyncio.json``)."""
+    from pedaPEFT import realtext
+
+    if results is None:
+        results = realtext.load_results()
+    summary = results["summary"]
+    labels = [row["label"] for row in summary]
+    figure = Figure(figsize=(9, 3.4))
+    ax, ax_params = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    for i, row in enumerate(summary):
+        ax.barh(i, row["perplexity_after"], xerr=row["perplexity_after_std"], color=f"C{i}",
+                alpha=0.7, capsize=3)
+        seeds = [r["perplexity_after"] for r in results["runs"] if r["label"] == row["label"]]
+        ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
+        ax_params.barh(i, row["trainable"], color=f"C{i}", alpha=0.7)
+    before = summary[0]["perplexity_before"]
+    ax.axvline(before, color="0.4", linestyle="--", label=f"base, before: {before:.1f}")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1.5 * before), xlabel=f"perplexity on unseen '{results['domain']}' documents",
+           title=f"after fine-tuning ({summary[0]['n']} seeds)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax_params.set_xscale("log")
+    ax_params.set_yticks(range(len(labels)), [])
+    ax_params.invert_yaxis()
+    ax_params.set(xlabel="trainable parameters", title="what each method trains")
     figure.tight_layout()
     return figure

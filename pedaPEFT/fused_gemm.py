@@ -332,6 +332,7 @@ class QLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, bias, scaling, fmt, *stored):
+        """``y = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ`` with ``W`` read from its packed 4-bit storage."""
         N, K = fmt.out_features, fmt.in_features
         x2 = x.reshape(-1, K).contiguous()                                  # (M, K)
         lora_in = x2 @ lora_A.t()                                           # (M, r)
@@ -343,6 +344,7 @@ class QLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        """``∂x = g·W + s·(g·B)·A``, ``∂A = s·(g·B)ᵀ·x``, ``∂B = s·gᵀ·(x·Aᵀ)``; none for ``W``."""
         x2, lora_in, lora_A, lora_B, *stored = ctx.saved_tensors
         fmt, s = ctx.fmt, ctx.scaling
         g = grad_y.reshape(-1, fmt.out_features).contiguous()               # (M, N)

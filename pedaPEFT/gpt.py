@@ -37,11 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRESETS: dict[str, dict[str, int]] = {
+PRESETS: dict[str, dict[str, int | float]] = {
     # The course's workhorse: pretrains and fine-tunes on a 2-core CPU in about a minute.
     "tiny": dict(vocab_size=48, block_size=16, n_layer=4, n_head=4, n_embd=64),
     # A wider and deeper character model for experiments that want more capacity.
     "small": dict(vocab_size=48, block_size=64, n_layer=6, n_head=8, n_embd=256),
+    # Real text: Python's documentation in a 2048-token BPE (pedaPEFT.corpus), 2.2M parameters.
+    "pydocs": dict(vocab_size=2048, block_size=256, n_layer=4, n_head=6, n_embd=192,
+                   dropout=0.1),
     # GPT-2 small: 124M parameters with the output head tied to the token embedding.
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
 }
@@ -104,7 +107,8 @@ class GPTConfig:
 def parameter_count(config: GPTConfig) -> int:
     """Analytic parameter count, V d + T d + L (12 d^2 + 13 d) + 2 d (+ V d if untied).
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lesson 9.
     """
     V, T, L, d = config.vocab_size, config.block_size, config.n_layer, config.n_embd
     n = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
@@ -197,7 +201,8 @@ class GPT(nn.Module):
     ``forward(idx)`` maps token ids of shape (B, T), T <= block_size, to logits (B, T, V).
     ``features(idx)`` returns the final normalised hidden states (B, T, d) the head reads.
 
-    Introduced in lesson 3, used again in lessons 4 and 5 and 10.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lessons 4 and 5 and 10.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -247,17 +252,26 @@ class GPT(nn.Module):
         return self.lm_head(self.features(idx))
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: append the arg-max token ``max_new_tokens`` times."""
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` tokens: the arg-max (``temperature`` 0, greedy) or a draw
+        from softmax(logits / temperature) using ``generator``."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         if idx.shape[1] + max_new_tokens > self.config.block_size:
             raise ValueError(
                 f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                 f"block_size={self.config.block_size}"
             )
         for _ in range(max_new_tokens):
-            next_id = self(idx)[:, -1].argmax(dim=-1, keepdim=True)
+            logits = self(idx)[:, -1].float()
+            if temperature == 0.0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
             idx = torch.cat([idx, next_id], dim=1)
         return idx
 
@@ -268,6 +282,8 @@ def untie_head(model: GPT) -> None:
         model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
 
 
+STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Weights a base may be stored in (``save_pretrained(dtype=...)``); loading casts to float32."""
 PRETRAINED_DIR = Path(str(resources.files("pedaPEFT") / "weights"))
 
 
@@ -285,7 +301,8 @@ def load_pretrained(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR
     of the recorded ``model_config`` (names, shapes, float32, finite); anything else raises
     ``ValueError`` naming the file and the tensor.
 
-    Introduced in lesson 3, used again in lessons 4 and 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lessons 4 and 9.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -315,10 +332,11 @@ def load_pretrained(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR
         raise ValueError(f"{str(weights)!r} does not hold the tensors of its model_config: "
                          f"missing {missing[:4]}, unexpected {extra[:4]}")
     for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+        if tensor.shape != expected[name].shape or tensor.dtype not in STORED_DTYPES:
             raise ValueError(
                 f"{str(weights)!r}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                f"model_config needs {tuple(expected[name].shape)} {expected[name].dtype}"
+                f"model_config needs {tuple(expected[name].shape)} in float32, bfloat16 or "
+                "float16"
             )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{str(weights)!r}: tensor {name!r} holds NaN or inf")
@@ -337,14 +355,19 @@ def _config_from_info(info: dict, meta: Path) -> GPTConfig:
         raise ValueError(f"{str(meta)!r}: key 'model_config': {error}") from None
 
 
-def save_pretrained(model: GPT, info: dict, directory: str | Path,
-                    name: str = "tiny") -> tuple[Path, Path]:
+def save_pretrained(model: GPT, info: dict, directory: str | Path, name: str = "tiny",
+                    dtype: torch.dtype | None = None) -> tuple[Path, Path]:
     """Write ``<name>.safetensors`` and ``<name>.json`` into ``directory`` as one atomic change
-    (``files.write_files_atomically``: an interrupted save leaves the old pair or the new)."""
+    (``files.write_files_atomically``: an interrupted save leaves the old pair or the new);
+    the weights are stored in ``dtype`` (default: the model's own)."""
+    import copy
+
     from safetensors.torch import save_model
 
     from pedaPEFT.files import write_files_atomically
 
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
     weights, meta = pretrained_paths(name, directory)
     info = {**info, "model_config": model.config.to_dict()}
     text = json.dumps(info, indent=1, sort_keys=True) + "\n"
@@ -358,7 +381,8 @@ def save_pretrained(model: GPT, info: dict, directory: str | Path,
 def pretrained_info(preset: str = "tiny", directory: str | Path = PRETRAINED_DIR) -> dict:
     """Recipe and metrics recorded next to a saved base.
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
+    used again in lesson 9.
     """
     _, meta = pretrained_paths(preset, directory)
     if not meta.exists():

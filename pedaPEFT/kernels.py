@@ -61,9 +61,9 @@ def dequantize_4bit_torch(
     values = pairs[packed.reshape(-1).long()].reshape(-1)  # (2 * n_bytes,) code[nibble]
     padded = n_blocks * blocksize
     if values.numel() != padded:  # odd n or a partial last block
-        values = torch.nn.functional.pad(values[:n], (0, padded - n))
-    out = (values.view(n_blocks, blocksize) * scale[:, None]).reshape(-1)
-    return (out if padded == n else out[:n]).to(out_dtype)
+        values = torch.nn.functional.pad(values[:n], (0, padded - n))  # (n_blocks · blocksize,)
+    out = (values.view(n_blocks, blocksize) * scale[:, None]).reshape(-1)  # (n_blocks · blocksize,)
+    return (out if padded == n else out[:n]).to(out_dtype)  # (n,)
 
 
 if triton is not None:
@@ -99,17 +99,17 @@ if triton is not None:
         if DOUBLE_QUANT:
             q = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
             outer = tl.load(nested_absmax_ptr + blocks // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
-            scale = tl.load(nested_code_ptr + q) * outer + tl.load(offset_ptr)
+            scale = tl.load(nested_code_ptr + q) * outer + tl.load(offset_ptr)  # [blocks]
         else:
-            scale = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)
+            scale = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)  # [blocks]
         word = blocks[:, None] * WORDS_PER_BLOCK + tl.arange(0, WORDS_PER_BLOCK)[None, :]
-        raw = tl.load(words_ptr + word, mask=block_ok[:, None], other=0)
+        raw = tl.load(words_ptr + word, mask=block_ok[:, None], other=0)  # [blocks, words]
         # Little-endian words: byte k sits at bits 8k..8k+7, its high nibble comes first.
         lane = tl.arange(0, 8)
         shift = 8 * (lane // 2) + 4 * (1 - lane % 2)
-        nibble = (raw[:, :, None] >> shift[None, None, :]) & 15
-        values = tl.load(code_ptr + nibble) * scale[:, None, None]
-        values = tl.reshape(values, (BLOCKS_PER_PROGRAM, WORDS_PER_BLOCK * 8))
+        nibble = (raw[:, :, None] >> shift[None, None, :]) & 15  # [blocks, words, 8]
+        values = tl.load(code_ptr + nibble) * scale[:, None, None]  # [blocks, words, 8]
+        values = tl.reshape(values, (BLOCKS_PER_PROGRAM, WORDS_PER_BLOCK * 8))  # [blocks, 8·words]
         out = blocks[:, None] * (WORDS_PER_BLOCK * 8) + tl.arange(0, WORDS_PER_BLOCK * 8)[None, :]
         tl.store(out_ptr + out, values.to(out_ptr.dtype.element_ty), mask=out < n)
 
@@ -142,7 +142,7 @@ def dequantize_4bit_triton(
     if packed.numel() != padded_bytes or packed.data_ptr() % 4:
         # A partial last block (or a misaligned view): copy into whole, aligned words.
         packed = torch.nn.functional.pad(packed.reshape(-1), (0, padded_bytes - packed.numel()))
-    out = torch.empty(n, dtype=out_dtype, device=packed.device)
+    out = torch.empty(n, dtype=out_dtype, device=packed.device)  # (n,)
     double_quant = nested_absmax is not None
     unused = absmax  # stands in for the nested tensors, never read when double_quant is False
 

@@ -165,7 +165,7 @@ def rref(A: Any, tol: float | None = None) -> tuple[np.ndarray, tuple[int, ...]]
     R : (m, n) float64 array, the reduced row echelon form.
     pivots : indices of the pivot columns, increasing; ``len(pivots)`` is the rank.
 
-    Introduced in lesson 1.
+    Introduced in lesson 1, section "3. Rank by row reduction".
     """
     R, eps = _as_matrix(A)
     tol = _check_tol(tol)
@@ -209,7 +209,8 @@ def matrix_rank(A: Any, tol: float | None = None, method: str = "svd") -> int:
 
     ``tol``, if given, is an absolute threshold on singular values or on pivots.
 
-    Introduced in lesson 1, used again in lessons 2 and 5.
+    Introduced in lesson 1, section "4. Rank by the singular value decomposition";
+    used again in lessons 2 and 5.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
@@ -237,7 +238,7 @@ def rank_factorization(A: Any, tol: float | None = None) -> tuple[np.ndarray, np
     A zero matrix (rank 0) gives ``C`` of shape (m, 0) and ``F`` of shape (0, n).
     ``tol`` is passed to :func:`rref`.
 
-    Introduced in lesson 1.
+    Introduced in lesson 1, section "5. Rank factorization: the rank-1 case and the lecture's slip".
     """
     array, _ = _as_matrix(A)
     R, pivots = rref(A, tol)
@@ -251,7 +252,7 @@ def truncated_svd(A: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     a 1-D array in decreasing order: Σ_k is diagonal, so only its diagonal is stored) and
     ``Vt_k`` (k × n, orthonormal rows). ``k`` must be an integer in ``[1, min(m, n)]``.
 
-    Introduced in lesson 2.
+    Introduced in lesson 2, section "2. Truncation".
     """
     array, _ = _as_matrix(A)
     k = _check_rank(k, "k", min(array.shape))
@@ -267,7 +268,7 @@ def low_rank_approx(A: Any, k: int) -> np.ndarray:
     ``‖A − A_k‖_F = sqrt(σ_{k+1}² + … + σ_p²)``, ``p = min(m, n)`` (in the spectral norm the
     error is ``σ_{k+1}``). ``k`` must be an integer in ``[1, min(m, n)]``.
 
-    Introduced in lesson 2.
+    Introduced in lesson 2, section "2. Truncation".
     """
     U_k, S_k, Vt_k = truncated_svd(A, k)
     return (U_k * S_k) @ Vt_k
@@ -280,7 +281,8 @@ def factorized_param_count(m: int, n: int, r: int) -> int:
     For a square ``n × n`` matrix this is the ``n² → 2rn`` reduction LoRA exploits; it saves
     storage only while ``r < mn / (m + n)``. ``r`` must be an integer in ``[1, min(m, n)]``.
 
-    Introduced in lesson 1, used again in lesson 2.
+    Introduced in lesson 1, section "5. Rank factorization: the rank-1 case and the lecture's slip";
+    used again in lesson 2.
     """
     m = _check_dimension(m, "m")
     n = _check_dimension(n, "n")
@@ -296,7 +298,7 @@ def svd_param_count(m: int, n: int, k: int) -> int:
     ``U_k``). Counting ``Σ_k`` as a full ``k × k`` matrix (``k²``) over-counts.
     ``k`` must be an integer in ``[1, min(m, n)]``.
 
-    Introduced in lesson 2.
+    Introduced in lesson 2, section "4. A photograph at low rank".
     """
     m = _check_dimension(m, "m")
     n = _check_dimension(n, "n")
@@ -334,7 +336,7 @@ def planted_update_task(
     ``Y = X (W_before + update)ᵀ + noise · N(0, 1)``. Everything is drawn from
     ``np.random.default_rng(seed)`` in the order W_before, B, A, X, noise.
 
-    Introduced in lesson 2.
+    Introduced in lesson 2, section "6. Why a weight *update* can have low intrinsic rank".
     """
     d_out = _check_dimension(d_out, "d_out")
     d_in = _check_dimension(d_in, "d_in")
@@ -374,7 +376,7 @@ def finetune_linear(
     the first term has rank ``<= rank(Δ)``, the second is fitted noise, small when ``N`` is
     large. Returns ``W_after`` (d_out × d_in).
 
-    Introduced in lesson 2.
+    Introduced in lesson 2, section "6. Why a weight *update* can have low intrinsic rank".
     """
     W, _ = _as_matrix(W_before, "W_before")
     X, _ = _as_matrix(X, "X")

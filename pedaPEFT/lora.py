@@ -88,7 +88,7 @@ class LoRAConfig:
     ``target_modules`` holds module names; a module is wrapped when its full dotted name equals
     a target or ends with ``"." + target`` (PEFT's rule for a list of targets).
 
-    Introduced in lesson 5, used again in lesson 9.
+    Introduced in lesson 5, section "5. Merging: zero inference cost"; used again in lesson 9.
     """
 
     r: int = 8
@@ -120,7 +120,7 @@ class LoRALinear(nn.Module):
         scaling: ``α / r`` (or ``α / √r`` with ``rslora``).
         merged: whether ``ΔW`` is currently added into ``base_layer.weight``.
 
-    Introduced in lesson 5.
+    Introduced in lesson 5, section "3. A LoRA layer, step by step".
     """
 
     def __init__(
@@ -168,10 +168,10 @@ class LoRALinear(nn.Module):
         return F.linear(h, self.lora_B) * self.scaling  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        result = self.base_layer(x)  # (..., in) -> (..., out)
         if self.merged:
             return result
-        return (result + self.lora_output(x)).to(result.dtype)
+        return (result + self.lora_output(x)).to(result.dtype)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """``ΔW = s · B @ A``, shape (out, in), rank at most ``r``."""
@@ -206,7 +206,7 @@ class LoRALinear(nn.Module):
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every :class:`LoRALinear` in ``model``, by module name.
 
-    Introduced in lesson 5.
+    Introduced in lesson 5, section "5. Merging: zero inference cost".
     """
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -219,7 +219,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     Linear names when no module matches, and when a matching layer already has LoRA.
     Returns the wrapped module names in ``model.named_modules()`` order.
 
-    Introduced in lesson 5.
+    Introduced in lesson 5, section "5. Merging: zero inference cost".
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -256,7 +256,7 @@ def prepare_lora(
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts, summed over ``model.parameters()`` (PEFT's rule).
 
-    Introduced in lesson 4, used again in lessons 5 and 9.
+    Introduced in lesson 4, section "4. Where adapters go"; used again in lessons 5 and 9.
     """
     trainable = total = 0
     for param in model.parameters():
@@ -280,7 +280,7 @@ def trainable_parameters_line(model: nn.Module) -> str:
 def print_trainable_parameters(model: nn.Module) -> None:
     """Print :func:`trainable_parameters_line` exactly as PEFT's ``print_trainable_parameters``.
 
-    Introduced in lesson 5.
+    Introduced in lesson 5, section "5. Merging: zero inference cost".
     """
     print(trainable_parameters_line(model))
 
@@ -291,7 +291,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     The result has exactly the base model's architecture and parameter count; its outputs equal
     the LoRA model's up to float rounding.  Works in place and returns ``model``.
 
-    Introduced in lesson 5.
+    Introduced in lesson 5, section "5. Merging: zero inference cost".
     """
     layers = lora_layers(model)
     if not layers:

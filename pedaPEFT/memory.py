@@ -87,7 +87,7 @@ class MemoryBreakdown:
 def optimizer_state_bytes(optimizer: str, precision: str = "fp32") -> float:
     """Bytes of optimizer state per trainable parameter (without a master copy).
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "7. The lecture's LLaMA-3-8B arithmetic, recomputed".
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -132,7 +132,8 @@ def finetune_memory(
     ``n_tensors`` is the number of trainable tensors (each costs a 4-byte step counter in
     PyTorch's AdamW); ``activations`` is passed through (see ``gpt_activation_bytes``).
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "4. What full fine-tuning costs: bytes per parameter";
+    used again in lesson 9.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -179,7 +180,7 @@ def finetune_memory(
 def bytes_per_parameter(**kwargs: object) -> dict[str, float]:
     """``finetune_memory`` of one parameter, component by component (full fine-tuning).
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "4. What full fine-tuning costs: bytes per parameter".
     """
     return finetune_memory(1, "full", **kwargs).as_dict()
 
@@ -300,7 +301,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 def measured_static_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> MemoryBreakdown:
     """Real bytes of a model's weights, its gradients and the optimizer's state tensors.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "Checking the accounting against real tensors".
     """
     params = list(model.parameters())
     states = [v for state in optimizer.state.values() for v in state.values()
@@ -323,7 +324,8 @@ def llama_parameter_count(vocab: int, d: int, n_layer: int, n_head: int, n_kv_he
     three d x ffn matrices, two RMSNorm gains of d. Plus the embedding (V d), a final norm
     (d) and, unless tied, the output head (V d).
 
-    Introduced in lesson 3, used again in lesson 9.
+    Introduced in lesson 3, section "5. The lecture's LLaMA-3-8B arithmetic, recomputed";
+    used again in lesson 9.
     """
     kv = d * n_kv_head // n_head
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d

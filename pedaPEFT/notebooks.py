@@ -20,6 +20,7 @@ import jupytext
 import nbformat
 from nbclient import NotebookClient
 
+import pedaPEFT
 from pedaPEFT import progress
 from pedaPEFT.files import atomic_write_text
 
@@ -30,6 +31,55 @@ END_SOLUTION = "### END SOLUTION"
 STUB_MARK = "# YOUR CODE HERE"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 CELL_TIMEOUT_S = 600
+
+
+INSTALL_SOURCE_VARIABLE = "PEDAPEFT_INSTALL_SOURCE"
+SETUP_CELL = """\
+# Setup, the same in every lesson: install pedaPEFT if this Python lacks it (Colab, JupyterHub),
+# check that it is a version this lesson was written for, and seed every random generator.
+# To install from elsewhere than the course repository, set {variable} to a
+# wheel file, a folder of wheels or any pip requirement (a school's mirror, a pinned version).
+import importlib.util
+import os
+import subprocess
+import sys
+
+LESSON_VERSION = "{version}"
+if importlib.util.find_spec("pedaPEFT") is None:
+    install_source = os.environ.get(
+        "{variable}", f"git+{repository}@v{{LESSON_VERSION}}"
+    )
+    install_args = [install_source]
+    if os.path.isdir(install_source):
+        install_args = ["--find-links", install_source, f"pedapeft=={{LESSON_VERSION}}"]
+    print(f"installing pedaPEFT {{LESSON_VERSION}} from {{install_source}} ...", flush=True)
+    pip_run = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *install_args],
+                             capture_output=True, text=True)
+    if pip_run.returncode != 0:
+        raise RuntimeError(f"pip could not install pedaPEFT:\\n{{pip_run.stderr}}")
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("pedaPEFT") is None:
+        raise RuntimeError("pedaPEFT was installed: restart the kernel and run this cell again")
+
+import pedaPEFT
+from pedaPEFT.course import check_version, seed_everything
+
+check_version(LESSON_VERSION)
+seed_everything(0)
+print(f"pedaPEFT {{pedaPEFT.__version__}}")"""
+"""The first code cell of every lesson, for the version it was written for (``{version}``).
+
+It must run where pedaPEFT is missing, so it cannot call the package to install it. What it
+prints when it installs (the line starting ``installing pedaPEFT``) is removed by an nbval
+sanitize rule in ``tests/nbval_sanitize.cfg``, so a stored lesson matches both runs.
+"""
+
+
+def setup_cell(version: str) -> str:
+    """The setup cell of a lesson written for pedaPEFT ``version`` (installs tag ``v<version>``)."""
+    return SETUP_CELL.format(
+        version=version, repository=pedaPEFT.REPOSITORY_URL, variable=INSTALL_SOURCE_VARIABLE
+    )
 
 
 class LessonError(RuntimeError):

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pedaPEFT import adamw
 from pedaPEFT.adamw import adamw_update, check_hyperparameters, check_state_dict, state_bytes
 
 __all__ = ["PagedAdamW", "PagingStats", "adamw_update", "state_bytes"]
@@ -85,12 +86,6 @@ class _Page:
     stop: int
 
 
-def _check_positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer number of bytes, got {value!r}")
-    return value
-
-
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW whose states stay on ``device`` within ``budget_bytes`` and are paged beyond it.
 
@@ -108,7 +103,8 @@ class PagedAdamW(torch.optim.Optimizer):
             ``min(8 MiB, budget_bytes // 32)``, so the four page buffers use at most an eighth
             of the budget.
 
-    Introduced in lesson 10.
+    Introduced in lesson 10,
+    section "3. The package's version: a budget, pages and a double buffer".
     """
 
     def __init__(
@@ -127,10 +123,10 @@ class PagedAdamW(torch.optim.Optimizer):
         check_hyperparameters(lr, betas, eps, weight_decay)
         if amsgrad:
             raise ValueError("amsgrad must be False: PagedAdamW implements AdamW without AMSGrad")
-        self._budget_bytes = _check_positive_int(budget_bytes, "budget_bytes")
+        self._budget_bytes = adamw.check_byte_count(budget_bytes, "budget_bytes")
         self._page_bytes_arg = page_bytes
         if page_bytes is not None:
-            _check_positive_int(page_bytes, "page_bytes")
+            adamw.check_byte_count(page_bytes, "page_bytes")
             if page_bytes % PAGE_ALIGN:
                 raise ValueError(f"page_bytes must be a multiple of {PAGE_ALIGN}, got {page_bytes}")
         self._device = None if device is None else self._normalize_device(torch.device(device))
@@ -267,7 +263,7 @@ class PagedAdamW(torch.optim.Optimizer):
         A budget too small to page raises ``ValueError`` and leaves everything as it was.
         """
         previous, self._budget_bytes = (
-            self._budget_bytes, _check_positive_int(budget_bytes, "budget_bytes"))
+            self._budget_bytes, adamw.check_byte_count(budget_bytes, "budget_bytes"))
         try:
             self._plan()
         except ValueError:

@@ -164,7 +164,7 @@ class QLoRALinear(nn.Module):
 def qlora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
     """Every :class:`QLoRALinear` in ``model``, by module name.
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "8. Merging for inference".
     """
     return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear)}
 
@@ -182,7 +182,7 @@ def quantize_model(
     is PEFT's (exact name or dotted suffix), as in ``lora.apply_lora``. Raises ``ValueError``
     listing the model's Linear names when nothing matches. Returns the converted names.
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "3. The tiny GPT before and after quantization".
     """
     if not isinstance(config, lora.LoRAConfig):
         raise TypeError(f"config must be a lora.LoRAConfig, got {type(config).__name__}")
@@ -221,7 +221,7 @@ def quantize_model(
 def merge_qlora(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Replace every :class:`QLoRALinear` by :meth:`QLoRALinear.merge`'s module; in place.
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "8. Merging for inference".
     """
     layers = qlora_layers(model)
     if not layers:
@@ -239,7 +239,7 @@ def requantization_error(layer: QLoRALinear) -> dict[str, float]:
     big the learned update is) and ``delta_lost`` = ‖deq(quantize(W')) − deq(Q) − ΔW‖ / ‖ΔW‖
     (the share of the update the new rounding swamps; above 1 means the noise exceeds it).
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "8. Merging for inference".
     """
     exact = layer.merged_weight()
     requantized = layer.merge(requantize=True).dequantize(torch.float32)
@@ -266,7 +266,7 @@ def prepare_qlora(
 ) -> nn.Module:
     """Fine-tuning method ``"qlora"`` of ``train.finetune``: quantize ``targets``, add LoRA.
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "4. Fine-tuning it".
     """
     config = lora.LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets)
     quantize_model(model, config, quant_type, double_quant, compute_dtype)
@@ -276,7 +276,7 @@ def prepare_qlora(
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer ``model`` stores (a tied tensor counted once).
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "3. The tiny GPT before and after quantization".
     """
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -290,7 +290,7 @@ def model_bytes(model: nn.Module) -> int:
 def base_bits_per_parameter(model: nn.Module) -> float:
     """Stored bits per weight over all quantized base layers of ``model``.
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "3. The tiny GPT before and after quantization".
     """
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:

@@ -98,7 +98,7 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch
 def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`absmax_quantize`: ``q / c`` in float32.
 
-    Introduced in lesson 6.
+    Introduced in lesson 6, section "3. What one outlier does".
     """
     if not isinstance(q, torch.Tensor) or not is_integer(q.dtype):
         raise TypeError("q must be an integer torch.Tensor from absmax_quantize")
@@ -149,7 +149,7 @@ def blockwise_absmax_dequantize(
 ) -> torch.Tensor:
     """Inverse of :func:`blockwise_absmax_quantize`: ``q_i / c_j`` in float32, shape of ``q``.
 
-    Introduced in lesson 6.
+    Introduced in lesson 6, section "4. Blockwise quantization: a scale per block".
     """
     if not isinstance(q, torch.Tensor) or not is_integer(q.dtype):
         raise TypeError("q must be an integer torch.Tensor from blockwise_absmax_quantize")
@@ -269,7 +269,7 @@ def nearest_code_index(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor
     midpoints lie strictly below each value (``torch.bucketize``), then maps back to the
     code's own order. Returns int64 indices.
 
-    Introduced in lesson 7.
+    Introduced in lesson 7, section "5. "Information-theoretically optimal"?".
     """
     order = torch.argsort(code, stable=True)
     sorted_code = code[order]

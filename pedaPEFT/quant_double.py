@@ -100,7 +100,7 @@ def dequantize_blockwise_8bit(
 ) -> torch.Tensor:
     """``dynamic_code()[codes_i] * absmax_j`` in float32 (flattened).
 
-    Introduced in lesson 8.
+    Introduced in lesson 8, section "2. The second level, step by step".
     """
     values = dynamic_code().to(codes.device)[codes.reshape(-1).long()]
     return times_block_scale(values, absmax, blocksize)
@@ -137,7 +137,7 @@ def bits_per_parameter(
 def storage_bits(state: QuantState) -> dict[str, int]:
     """Bits held by each tensor of the state: ``numel * element size * 8``.
 
-    Introduced in lesson 8.
+    Introduced in lesson 8, section "3. Bits counted on the stored tensors".
     """
     counts = {}
     for f in fields(state):
@@ -150,6 +150,6 @@ def storage_bits(state: QuantState) -> dict[str, int]:
 def storage_bits_per_parameter(state: QuantState) -> float:
     """All stored bits (packed codes, scales, offset, both code tables) per original element.
 
-    Introduced in lesson 8.
+    Introduced in lesson 8, section "3. Bits counted on the stored tensors".
     """
     return sum(storage_bits(state).values()) / state.numel

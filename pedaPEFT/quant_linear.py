@@ -32,7 +32,7 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class BaseFormat(NamedTuple):
     """How a frozen base weight is stored; everything needed to rebuild an empty layer.
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "1. One layer, stored in 4 bits".
     """
 
     quant_type: str
@@ -146,7 +146,7 @@ def _dequantize(
     dequantize = (
         kernels.dequantize_4bit if torch.compiler.is_compiling() else kernels.dequantize_4bit_eager
     )
-    flat = dequantize(
+    flat = dequantize(  # (out · in,)
         packed,
         absmax,
         code,
@@ -158,7 +158,7 @@ def _dequantize(
         fmt.dq_blocksize,
         dtype,
     )
-    return flat.view(fmt.out_features, fmt.in_features)
+    return flat.view(fmt.out_features, fmt.in_features)  # (out, in)
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -190,7 +190,7 @@ class QuantLinear(nn.Module):
     the original weight dtype. Construct with :meth:`from_linear` or :meth:`from_weight`; the
     constructor itself makes an empty layer of the given format (what loading fills in).
 
-    Introduced in lesson 9.
+    Introduced in lesson 9, section "1. One layer, stored in 4 bits".
     """
 
     def __init__(self, fmt: BaseFormat, bias: bool, device: torch.device | str | None = None):
@@ -333,9 +333,9 @@ class QuantLinear(nn.Module):
         return 8 * self.weight_bytes() / (self.out_features * self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.compute_dtype)
+        x = x.to(self.compute_dtype)  # (..., in)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _DequantLinear.apply(x, bias, self.fmt, *self.stored_tensors())
+        return _DequantLinear.apply(x, bias, self.fmt, *self.stored_tensors())  # (..., out)
 
     def extra_repr(self) -> str:
         f = self.fmt

@@ -38,7 +38,7 @@ def activation_bytes(model: torch.nn.Module, *inputs: Tensor) -> int:
     """Bytes of the tensors one forward pass saves for backward (activations), parameters
     excluded: ``memory.saved_tensor_bytes`` of ``model(*inputs)`` with gradients on.
 
-    Introduced in lesson 10.
+    Introduced in lesson 10, section "4. A memory spike, simulated".
     """
     with torch.enable_grad():
         return memory.saved_tensor_bytes(lambda: model(*inputs), model)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars: tqdm.auto warns on stderr in a kernel without ipywidgets
 
 from pedaPEFT import adapters, data, lora, qlora
 from pedaPEFT.checkpoints import (  # noqa: F401 (train.CHECKPOINT_FORMAT stays a public name)
@@ -54,7 +54,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class TrainConfig:
     """Optimisation settings. ``batch_size`` is the global batch, split over processes.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "3. Fine-tuning: what each method can learn".
     """
 
     steps: int = 500
@@ -128,7 +128,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     Matrices (embeddings and Linear weights, ``dim >= 2``) get weight decay; biases and
     LayerNorm gains do not, since shrinking them towards zero has no regularising meaning.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "Checking the accounting against real tensors".
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -316,7 +316,7 @@ def prepare_top(model: GPT, n_blocks: int = 1) -> GPT:
     The head gets its own copy of the embedding first, so the frozen bottom of the network
     (which reads the embedding) is not changed through the tie.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "2. Three methods, three sets of trainable parameters".
     """
     if not 1 <= n_blocks <= len(model.blocks):
         raise ValueError(f"n_blocks must be in [1, {len(model.blocks)}], got {n_blocks}")
@@ -380,6 +380,21 @@ class FinetuneResult:
         return self.trainable / self.total
 
 
+def prepare(model: GPT, method: str, options: dict | None = None) -> tuple[GPT, int, int]:
+    """Apply ``METHODS[method](model, **options)``; returns (model, trainable, total), where
+    ``total`` is the base's parameter count (quantized weights included) plus what the method
+    added."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    base_ids = {id(p) for p in model.parameters()}
+    base_total = sum(p.numel() for p in model.parameters())
+    model = METHODS[method](model, **(options or {}))
+    trainable, _ = lora.count_parameters(model)
+    # The base's parameters count even when a method stores them as quantized buffers.
+    total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
+    return model, trainable, total
+
+
 def finetune(
     model: GPT,
     task: str,
@@ -394,21 +409,14 @@ def finetune(
     The model is prepared in place (``METHODS[method](model, **method_options)``), trained on
     ``n_train`` examples, and scored by exact match on ``data.TEST_SIZE`` unseen examples.
 
-    Introduced in lesson 3.
+    Introduced in lesson 3, section "3. Fine-tuning: what each method can learn".
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     config = FINETUNE_CONFIG if config is None else config
     block = model.config.block_size
     train_set = data.task_data(task, "train", n_train, block)
     test_set = data.task_data(task, "test", data.TEST_SIZE, block)
     accuracy_before = data.exact_match(model, test_set)
-    base_ids = {id(p) for p in model.parameters()}
-    base_total = sum(p.numel() for p in model.parameters())
-    model = METHODS[method](model, **(method_options or {}))
-    trainable, _ = lora.count_parameters(model)
-    # The base's parameters count even when a method stores them as quantized buffers.
-    total = base_total + sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
+    model, trainable, total = prepare(model, method, method_options)
     run = train(
         model,
         lambda step: train_set.batch(step, config.batch_size),

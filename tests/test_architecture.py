@@ -1,6 +1,9 @@
 """The package's layers (ARCHITECTURE.md) hold: import-linter's contract, every module placed
-in it, no module over 500 lines, and the fine-tuning registry complete on import."""
+in it, no module over 500 lines, and the fine-tuning registry complete on import. Docstrings
+that point to a lesson name a section heading that exists in that lesson's script."""
 
+import ast
+import re
 import subprocess
 import sys
 import sysconfig
@@ -12,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pedaPEFT"
 MAX_LINES = 500
+INTRODUCED = re.compile(r"Introduced in lesson (\d+)(,\s+section\s+\"(.+?)\"[.;])?", re.DOTALL)
 
 
 def contract_layers() -> list[str]:
@@ -66,3 +70,34 @@ def test_lora_finetunes_after_importing_only_gpt_and_train():
     methods, method, trainable = done.stdout.rsplit(" ", 2)
     assert methods == "['adapter', 'feature', 'full', 'lora', 'qlora', 'top']"
     assert method == "lora" and int(trainable) > 0
+
+
+def lesson_headings(number: int) -> set[str]:
+    (script,) = (ROOT / "lessons").glob(f"{number:02d}_*.py")
+    return {m.group(1) for m in re.finditer(r"^# #+ (.+)$", script.read_text(), re.MULTILINE)}
+
+
+def lesson_pointers() -> list[tuple[str, int, str | None]]:
+    """``(where, lesson, section)`` for every "Introduced in lesson N[, section "H"]" in a
+    docstring of ``pedaPEFT/`` (the section's whitespace collapsed, as a wrapped line reads)."""
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
+                continue
+            for m in INTRODUCED.finditer(ast.get_docstring(node) or ""):
+                section = None if m.group(3) is None else " ".join(m.group(3).split())
+                found.append((f"{path.name}:{getattr(node, 'name', '')}", int(m.group(1)), section))
+    return found
+
+
+def test_lesson_pointers_name_a_section_of_that_lesson():
+    pointers = lesson_pointers()
+    assert len(pointers) >= 50, "the docstrings lost their lesson pointers"
+    headings = {n: lesson_headings(n) for n in {lesson for _, lesson, _ in pointers}}
+    wrong = [(where, lesson, section) for where, lesson, section in pointers
+             if section not in headings[lesson]]
+    assert not wrong, (
+        f"these docstrings name no heading of their lesson's script: {wrong}; write "
+        '\'Introduced in lesson N, section "<heading as in lessons/NN_*.py>".\''
+    )

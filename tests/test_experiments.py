@@ -1,4 +1,4 @@
-"""The experiment definitions of lessons 4-5: budgets, summaries, result files."""
+"""The experiment definitions of lessons 4, 5 and 9: budgets, summaries, result files."""
 
 import json
 
@@ -59,6 +59,31 @@ def test_summarize_mean_and_sample_std():
     assert [e["method"] for e in experiments.summarize(rows)] == ["lora", "full"]
 
 
+def test_summarize_keeps_labels_apart_and_the_fields_seeds_share():
+    row = {"label": "a", "method": "qlora", "options": {}, "trainable": 3, "seed": 0,
+           "model_bytes_after": 7, "accuracy": 0.25, "curve": [[1, 0.25]]}
+    rows = [row, {**row, "seed": 1, "accuracy": 0.75}, {**row, "label": "b", "accuracy": 1.0}]
+    first, second = experiments.summarize(rows)
+    assert (first["label"], first["n"], first["mean"], second["label"]) == ("a", 2, 0.5, "b")
+    assert "seed" not in first and "curve" not in first and first["model_bytes_after"] == 7
+
+
+@pytest.mark.parametrize("name", ["lora_adapters", "lora_adapters_reverse", "lora_tables",
+                                  "lora_tables_reverse", "qlora_table3_reverse",
+                                  "qlora_table3_shift"])
+def test_committed_results_load_and_summarize(name):
+    results = experiments.load_results(name)
+    assert experiments.results_path(name).name == f"{name}.json"
+    summary = experiments.summarize(results["runs"])
+    assert sum(s["n"] for s in summary) == len(results["runs"])
+    assert all(0.0 <= s["mean"] <= 1.0 for s in summary)
+
+
+def test_missing_results_name_the_commands_that_write_them():
+    with pytest.raises(ValueError, match="lora-experiment nothing --scale full --out "):
+        experiments.load_results("lora_nothing")
+
+
 def test_write_results_is_atomic_json(tmp_path):
     path = experiments.write_results({"b": 1, "a": [1, 2]}, tmp_path / "x" / "r.json")
     assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
@@ -68,6 +93,8 @@ def test_write_results_is_atomic_json(tmp_path):
 def test_bad_names():
     with pytest.raises(ValueError, match="name must be one of"):
         experiments.experiment("table7")
+    with pytest.raises(ValueError, match="name must be one of.*qlora_table3"):
+        experiments.experiment("table4")
     with pytest.raises(ValueError, match="scale must be one of"):
         experiments.experiment("tables", "huge")
     with pytest.raises(ValueError, match="method must be one of"):

@@ -21,6 +21,7 @@ NBVAL_MARKERS = {
     "NBVAL_RAISES_EXCEPTION",
 }
 MINIMUM_EXERCISES = 3
+SANITIZE_FILE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
 
 
 def lesson_id(path: Path) -> str:
@@ -79,14 +80,47 @@ def test_no_cell_relies_on_a_trailing_semicolon(lesson):
             assert not code_lines[-1].rstrip().endswith(";"), f"trailing ';' in:\n{cell.source}"
 
 
-def test_first_cell_checks_version_and_seeds(lesson):
+def test_first_cell_is_the_setup_cell_for_a_compatible_version(lesson):
     first = notebooks.code_cells(lesson)[0].source
-    match = re.search(r"check_version\(\"([0-9.]+)\"\)", first)
-    assert match, 'the first code cell must call check_version("X.Y.Z")'
+    match = re.search(r'^LESSON_VERSION = "([0-9.]+)"$', first, re.M)
+    assert match, 'the first code cell must set LESSON_VERSION = "X.Y.Z"'
+    assert first == notebooks.setup_cell(match.group(1)), (
+        "the first code cell must be notebooks.setup_cell(version), character for character"
+    )
     written_for = _parse(match.group(1))
     installed = _parse(pedaPEFT.__version__)
     assert written_for <= installed and written_for[0] == installed[0]
-    assert re.search(r"seed_everything\(\d+\)", first), "the first code cell must seed"
+
+
+def test_every_lesson_opens_with_the_same_setup_cell():
+    first_cells = {
+        notebooks.code_cells(notebooks.load(source.with_suffix(".ipynb")))[0].source
+        for source in SOURCES
+    }
+    assert len(first_cells) == 1, "the lessons' first code cells differ"
+
+
+def test_the_setup_cell_checks_the_version_and_seeds():
+    cell = notebooks.setup_cell("1.2.3")
+    assert 'LESSON_VERSION = "1.2.3"' in cell
+    assert "check_version(LESSON_VERSION)" in cell
+    assert re.search(r"^seed_everything\(\d+\)$", cell, re.M)
+    assert f"git+{pedaPEFT.REPOSITORY_URL}@v{{LESSON_VERSION}}" in cell
+    assert notebooks.INSTALL_SOURCE_VARIABLE in cell
+
+
+def test_nbval_removes_what_the_setup_cell_prints_when_it_installs():
+    from nbval.plugin import get_sanitize_patterns
+
+    rules = get_sanitize_patterns(SANITIZE_FILE.read_text())
+    printed = "installing pedaPEFT 0.1.0 from /tmp/wheels/pedapeft-0.1.0-py3-none-any.whl ...\n"
+    stored = "pedaPEFT 0.1.0\n"
+    sanitized = printed + stored
+    for regex, replace in rules:
+        sanitized = re.sub(regex, replace, sanitized)
+    assert sanitized == stored
+    cell = notebooks.setup_cell("0.1.0")
+    assert 'print(f"installing pedaPEFT {LESSON_VERSION} from {install_source} ..."' in cell
 
 
 def test_lesson_has_exercises(lesson):

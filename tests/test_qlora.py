@@ -349,13 +349,16 @@ def test_qlora_is_a_finetuning_method_and_table3_runs():
     assert train.METHODS["qlora"] is qlora.prepare_qlora
     scale = experiments.Scale(steps=2, batch_size=8, n_train=32, seeds=(0,), n_test=16)
     label, method, options = experiments.TABLE3_SETTINGS[2]  # int8 base
-    row = experiments.table3_run(label, method, options, "shift", 0, scale)
+    (row,) = experiments.run_many([{"label": label, "method": method, "options": options}],
+                                  "shift", scale, experiments.TABLE3_LR)
+    assert row["label"] == label
     per_block = 4 * (64 + 64) + (64 + 256) + (256 + 64)  # r = 8 times (in + out) per layer
     assert row["trainable"] == 8 * per_block * 4
     assert row["model_bytes_after"] < row["model_bytes_before"]
     assert 0.0 <= row["accuracy"] <= 1.0
-    summary = experiments.table3_summary({"runs": [row, {**row, "accuracy": 1.0}]})
-    assert summary[0]["n"] == 2 and summary[0]["mean"] == pytest.approx((row["accuracy"] + 1) / 2)
+    summary = experiments.summarize([row, {**row, "accuracy": 1.0}])
+    assert summary[0]["label"] == label and summary[0]["n"] == 2
+    assert summary[0]["mean"] == pytest.approx((row["accuracy"] + 1) / 2)
 
 
 def test_finetune_counts_the_quantized_base_in_the_total():

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pedaPEFT import __main__ as cli
-from pedaPEFT import data, experiments, gpt
+from pedaPEFT import corpus, data, experiments, gpt
 
 
 def run_cli(argv, capsys):
@@ -30,6 +30,7 @@ def assert_user_error(argv, capsys, *names):
 
 def test_cli_constants_agree_with_the_package():
     assert set(cli.TASKS) == set(data.TASKS)
+    assert set(cli.TEXT_DOMAINS) == set(corpus.DOMAINS)
     assert set(cli.PRESETS) == set(gpt.PRESETS)
     assert cli.SHIPPED_BASES == sorted(p.stem for p in gpt.PRETRAINED_DIR.glob("*.safetensors"))
 
@@ -87,10 +88,11 @@ def test_pretrain_never_replaces_existing_weights_without_force(tmp_path, capsys
     assert cli.build_parser().parse_args(["pretrain"]).out == "runs"
 
 
-def test_load_results_names_the_real_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(experiments, "DATA_DIR", tmp_path)
-    with pytest.raises(ValueError, match="python -m pedaPEFT lora-experiment tables"):
-        experiments.load_results("tables")
+def test_load_results_names_the_real_command():
+    with pytest.raises(ValueError, match="python -m pedaPEFT lora-experiment nothing"):
+        experiments.load_results("lora_nothing")
+    with pytest.raises(ValueError, match="qlora-experiment --scale full --task swap"):
+        experiments.load_results("qlora_table3_swap")
 
 
 def test_env_checks_what_lessons_needs():
@@ -127,7 +129,8 @@ def test_random_bad_numbers_are_refused_by_name(option, value, capsys):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(word=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1,
-                    max_size=8).filter(lambda w: w not in data.TASKS and not w.startswith("-")))
+                    max_size=8).filter(lambda w: w not in (*data.TASKS, *cli.TEXT_DOMAINS)
+                                       and not w.startswith("-")))
 def test_random_bad_choices_are_refused_by_name(word, capsys):
     for argv, option in (
         (["finetune", "--task", word], "--task"),
