@@ -3,10 +3,12 @@ fails with the generic hint, every planted bug (tests/exercise_bugs/lessonNN.py)
 own hint, and no student notebook shows an expected value.
 
 Solutions are taken from the lesson scripts themselves: the cell that holds the solution region
-defining the checked name is executed after the lesson's setup and import cells. Number exercises
-depend on the lesson's state, so their solutions are proven by the strict nbval run instead.
+defining the checked name is executed after the lesson's setup cell and the imports before it.
+Number exercises depend on the lesson's state, so their solutions are proven by the strict nbval
+run instead.
 """
 
+import ast
 import importlib.util
 import re
 from pathlib import Path
@@ -44,26 +46,30 @@ def defines(source: str, name: str) -> bool:
     return re.search(rf"^(def|class) {name}\b|^{name}\s*=", source, re.MULTILINE) is not None
 
 
-def import_cell_index(cells: list[str]) -> int:
-    """Index of the lesson's import cell (the one importing ``exercises``), after its setup."""
-    return next(i for i, source in enumerate(cells)
-                if re.search(r"^from pedaPEFT import .*\bexercises\b", source, re.MULTILINE))
+def imports_of(source: str) -> str:
+    """The top-level import statements of a cell, one per line."""
+    tree = ast.parse(source)
+    return "\n".join(ast.unparse(node) for node in tree.body
+                     if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
 def answer_from_lesson(exercise_id: str, student: bool = False):
-    """Execute the lesson's setup and import cells and the solution cell of ``exercise_id``;
-    return the checked name's value (``student``: from the stubbed cell, as in lessons/student/)."""
+    """Execute the lesson's setup cell, the imports of the cells before the solution cell of
+    ``exercise_id``, then that cell; return the checked name's value (``student``: from the
+    stubbed cell, as in lessons/student/)."""
     exercise = EXERCISES[exercise_id]
     script = lesson_script(exercise.lesson)
     name = check_calls(script)[exercise_id]
     cells = code_cells(script)
-    (solution,) = [source for source in cells
+    (position,) = [number for number, source in enumerate(cells)
                    if notebooks.solution_regions(source) and defines(source, name)]
+    solution = cells[position]
     if student:
         solution = notebooks.strip_solutions(solution)
     namespace: dict = {}
-    for number, source in enumerate(cells[: import_cell_index(cells) + 1]):
-        exec(compile(source, f"{script.name}[cell {number}]", "exec"), namespace)
+    exec(compile(cells[0], f"{script.name}[setup cell]", "exec"), namespace)
+    imports = "\n".join(imports_of(source) for source in cells[1:position])
+    exec(compile(imports, f"{script.name}[imports]", "exec"), namespace)
     exec(compile(solution, f"{script.name}[{name}]", "exec"), namespace)
     return namespace[name]
 
