@@ -5,6 +5,7 @@ each solution's check, is reproduced by a fresh run; these tests check everythin
 """
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -131,11 +132,23 @@ def test_lesson_has_exercises(lesson):
     assert len(checks) >= MINIMUM_EXERCISES and len(solutions) >= MINIMUM_EXERCISES
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lesson_id)
-def test_student_stubs_fail_with_a_hint_and_nothing_else_fails(source):
+def run_student_copy(source: Path):
+    """The student copy of lesson ``source``, executed with errors allowed."""
     student_path = source.parent / notebooks.STUDENT_DIR_NAME / source.with_suffix(".ipynb").name
-    student = notebooks.load(student_path)
-    executed = notebooks.execute(student, cwd=source.parent, allow_errors=True)
+    return notebooks.execute(notebooks.load(student_path), cwd=source.parent, allow_errors=True)
+
+
+@pytest.fixture(scope="module")
+def executed_student_copies():
+    """Every student copy, run two at a time (each kernel mostly keeps one core busy)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {source: pool.submit(run_student_copy, source) for source in SOURCES}
+    return futures
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lesson_id)
+def test_student_stubs_fail_with_a_hint_and_nothing_else_fails(source, executed_student_copies):
+    executed = executed_student_copies[source].result()
     for number, cell in enumerate(notebooks.code_cells(executed)):
         errors = [output for output in cell.outputs if output.output_type == "error"]
         if notebooks.is_check_cell(cell.source):
