@@ -66,6 +66,7 @@ seed_everything(0)
 print(f"pedaPEFT {pedaPEFT.__version__}")
 
 # %%
+import matplotlib.pyplot as plt
 import torch
 
 from pedaPEFT import data, exercises, figures, gpt, memory, train
@@ -240,8 +241,8 @@ for precision, optimizer in settings:
 # * Pure bf16 training (no master copy) needs 8 bytes, or 6.03 with 8-bit states.
 
 # %%
-plot = figures.finetune_memory_per_parameter()
-plot
+figure = figures.finetune_memory_per_parameter()
+plt.show()
 
 # %% [markdown]
 # ### Checking the accounting against real tensors

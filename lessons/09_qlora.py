@@ -67,6 +67,7 @@ seed_everything(0)
 print(f"pedaPEFT {pedaPEFT.__version__}")
 
 # %%
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
@@ -244,8 +245,8 @@ for task in ("reverse", "shift"):
               f"{row['mean']:>7.3f} ± {row['std']:.3f}")
 
 # %%
-fig = figures.qlora_table3()
-fig
+figure = figures.qlora_table3()
+plt.show()
 
 # %% [markdown]
 # What the table says, and what it does not:

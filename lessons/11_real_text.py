@@ -60,6 +60,7 @@ print(f"pedaPEFT {pedaPEFT.__version__}")
 # %%
 from collections import Counter
 
+import matplotlib.pyplot as plt
 import torch
 
 from pedaPEFT import bpe, corpus, exercises, figures, gpt, lora, qlora, realtext, train, train_text
@@ -232,8 +233,8 @@ for row in results["summary"]:
 print(f"device: {results['device']}")
 
 # %%
-fig = figures.realtext_perplexity()
-fig
+figure = figures.realtext_perplexity()
+plt.show()
 
 # %% [markdown]
 # Peak GPU memory and wall time of each run (weights, gradients, optimizer states and

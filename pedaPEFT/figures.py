@@ -287,10 +287,11 @@ def finetune_memory_per_parameter() -> Figure:
     """Bytes per parameter of full fine-tuning by component, from ``memory.finetune_memory``.
 
     Introduced in lesson 3, section "4. What full fine-tuning costs: bytes per parameter"."""
+    import matplotlib.pyplot as plt
+
     from pedaPEFT import memory
 
-    figure = Figure(figsize=(8, 3.6))
-    ax = figure.subplots()
+    figure, ax = plt.subplots(figsize=(8, 3.6))
     components = ("weights", "gradients", "optimizer")
     bottoms = [0.0] * len(FINETUNE_MEMORY_SETTINGS)
     for i, component in enumerate(components):
@@ -439,8 +440,9 @@ def qlora_table3(results: dict | None = None) -> Figure:
     if results is None:
         results = experiments.load_results("qlora_table3_reverse")
     summary = experiments.summarize(results["runs"])
-    figure = Figure(figsize=(8, 3.8))
-    ax = figure.subplots()
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(8, 3.8))
     colors = {"full": "C7", "lora": "C1", "qlora": "C0"}
     for i, row in enumerate(summary):
         ax.barh(i, row["mean"], xerr=row["std"], color=colors[row["method"]], alpha=0.7,
@@ -469,8 +471,10 @@ def realtext_perplexity(results: dict | None = None) -> Figure:
         results = realtext.load_results()
     summary = results["summary"]
     labels = [row["label"] for row in summary]
-    figure = Figure(figsize=(9, 3.4))
-    ax, ax_params = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    import matplotlib.pyplot as plt
+
+    figure, (ax, ax_params) = plt.subplots(1, 2, figsize=(9, 3.4),
+                                           gridspec_kw={"width_ratios": [3, 2]})
     for i, row in enumerate(summary):
         ax.barh(i, row["perplexity_after"], xerr=row["perplexity_after_std"], color=f"C{i}",
                 alpha=0.7, capsize=3)
