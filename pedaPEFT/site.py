@@ -333,8 +333,9 @@ def lesson_cell(match: re.Match, lesson_files: list[Path]) -> str:
 
 def plain_docstring_lines(lines: list[str]) -> list[str]:
     """Read the package's docstrings as they are written: a paragraph that ends with ``:``
-    before an indented block introduces preformatted text (formulas, tables), and ``|`` is
-    an absolute value, not a reStructuredText substitution."""
+    before an indented block introduces preformatted text (formulas, tables), ``|`` is
+    an absolute value, not a reStructuredText substitution, and ``$x$`` (as in the lessons'
+    headings) is inline math."""
     out, literal_indent = [], None
     for number, line in enumerate(lines):
         indent = len(line) - len(line.lstrip())
@@ -349,10 +350,17 @@ def plain_docstring_lines(lines: list[str]) -> list[str]:
                 line, literal_indent = line.rstrip() + ":", indent
             else:
                 parts = re.split(r"(``.*?``)", line)
-                line = "".join(part if part.startswith("``") else part.replace("|", "\\|")
+                line = "".join(part if part.startswith("``") else
+                               re.sub(r"\$([^$\s][^$]*?)\$", _inline_math,
+                                      part.replace("|", "\\|"))
                                for part in parts)
         out.append(line)
     return out
+
+
+def _inline_math(match: re.Match) -> str:
+    """``$x$`` as the ``:math:`` role; a backslash doubled for reST text is single in LaTeX."""
+    return ":math:`" + match.group(1).replace("\\\\", "\\") + "`"
 
 
 def on_docstring(app, what, name, obj, options, lines: list[str]) -> None:
