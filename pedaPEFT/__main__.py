@@ -14,7 +14,7 @@ TASKS = ("shift", "reverse", "swap")  # pedaPEFT.data.TASKS (a test checks they 
 TEXT_DOMAINS = ("asyncio",)  # pedaPEFT.corpus.DOMAINS (a test checks they agree)
 PRESETS = ("tiny", "small", "gpt2", "pydocs")  # pedaPEFT.gpt.PRESETS (a test checks they agree)
 SHIPPED_BASES = sorted(path.stem for path in (Path(__file__).parent / "weights").glob("*.json"))
-METHODS = ("full", "top", "feature", "lora", "adapter", "qlora")
+METHODS = ("full", "top", "feature", "lora", "adapter", "qlora", "bitfit", "prefix")
 LINEAR_NAMES = ("q", "k", "v", "o", "fc", "proj")  # every nn.Linear of a GPT block
 QUANT_TYPES = ("nf4", "fp4", "int8")
 

@@ -18,8 +18,8 @@ lr_min = min_lr_ratio lr over the remaining steps.
 Fine-tuning methods. A method is a function ``prepare(model, **options) -> model`` that
 freezes, unfreezes or wraps modules in place; ``finetune`` prepares, trains whatever is left
 trainable and scores exact-match accuracy. ``METHODS`` lists every method of the course
-(full, top, feature, adapter, lora, qlora), complete on import; ``register_method`` adds one
-of your own.
+(full, top, feature, adapter, lora, qlora, bitfit, prefix), complete on import;
+``register_method`` adds one of your own.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.std import tqdm  # text bars: tqdm.auto warns on stderr in a kernel without ipywidgets
 
-from pedaPEFT import adapters, data, lora, qlora
+from pedaPEFT import adapters, bitfit, data, lora, prefix, qlora
 from pedaPEFT.checkpoints import (  # noqa: F401 (train.CHECKPOINT_FORMAT stays a public name)
     CHECKPOINT_FORMAT,
     check_resumable,
@@ -342,6 +342,8 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
     "adapter": adapters.prepare_adapters,
     "lora": lora.prepare_lora,
     "qlora": qlora.prepare_qlora,
+    "bitfit": bitfit.prepare_bitfit,
+    "prefix": prefix.prepare_prefix,
 }
 """Every fine-tuning method ``finetune`` knows (lessons 3, 4, 5, 9): name -> ``prepare(model,
 **options)``, which freezes what the method keeps fixed, adds its new layers and returns the

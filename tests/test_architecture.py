@@ -71,7 +71,7 @@ def test_lora_finetunes_after_importing_only_gpt_and_train():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     methods, method, trainable = done.stdout.rsplit(" ", 2)
-    assert methods == "['adapter', 'feature', 'full', 'lora', 'qlora', 'top']"
+    assert methods == "['adapter', 'bitfit', 'feature', 'full', 'lora', 'prefix', 'qlora', 'top']"
     assert method == "lora" and int(trainable) > 0
 
 
