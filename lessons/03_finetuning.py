@@ -356,6 +356,119 @@ for name, n_params in (("GPT-3", 175e9), ("PaLM", 540e9)):
           f"({full / a40:.0f} A40s of static state)")
 
 # %% [markdown]
+# ## 6. Transfer learning, fine-tuning, and the task head
+#
+# The lecture opens with "transfer learning and fine-tuning … are often used interchangeably,
+# [but] they have distinct methodologies". The distinction, in this lesson's terms:
+#
+# * **Transfer learning** is the goal: reuse what a model learned on a *source* task to do a
+#   *target* task better, or with less labelled data, than a model trained from scratch.
+# * **Fine-tuning** is one way to get there: continue training pretrained weights on the
+#   target data by gradient descent.
+#
+# So every fine-tuning is transfer learning, but not the other way round. Of section 2's
+# methods, the **feature-based** one transfers *without* fine-tuning the pretrained network
+# (it stays frozen; a new head learns on its features), **top-layer** fine-tunes part of it and
+# **full** all of it. The PEFT methods of lessons 4–9 are a fourth point: the pretrained
+# weights stay frozen and a few *new* parameters are fine-tuned inside the network.
+#
+# ### Self-supervised pretraining, then specialisation
+#
+# The slides on LLMs add where the source model comes from: it is pretrained by
+# **self-supervised learning** on unlabelled text — the label of every position is the next
+# token of the text itself — and then specialised on a small labelled set. The tiny GPT went
+# through the same two stages. A pretraining batch scores every character against the next
+# one of the same string; a fine-tuning batch scores only the answer after `=`, which is the
+# label a person (here, the task's rule) supplied:
+
+# %%
+x_pre, y_pre = data.pretrain_batch(0, 2)
+x_task, y_task = data.task_data("shift", "train", 2).batch(0, 2)
+for kind, x_row, y_row in (("pretraining", x_pre[0], y_pre[0]), ("fine-tuning", x_task[0],
+                                                                  y_task[0])):
+    scored = y_row != data.IGNORE_INDEX
+    print(f"{kind}: input {data.decode(x_row)!r}, {int(scored.sum())} of {len(y_row)} "
+          f"positions scored, targets {data.decode(y_row[scored])!r}")
+scored = y_pre[0] != data.IGNORE_INDEX
+assert torch.equal(y_pre[0, :-1][scored[:-1]], x_pre[0, 1:][scored[:-1]])  # labels = next char
+
+# %% [markdown]
+# What the first stage buys shows best with *little* labelled data. We fine-tune on only 32
+# labelled `shift` examples (instead of 2,048), with the recipe of section 3, once from the
+# pretrained base and once from a randomly initialised GPT of the same shape:
+
+# %%
+few_shot_config = train.TrainConfig(steps=200, batch_size=64, lr=3e-3, warmup_steps=20,
+                                    weight_decay=0.0, progress=False)  # section 3's recipe
+few_shot = {}
+for start in ("pretrained", "random init"):
+    seed_everything(0)
+    start_model = (gpt.load_pretrained("tiny") if start == "pretrained"
+                   else gpt.GPT(gpt.GPTConfig.preset("tiny")))
+    few_shot[start] = train.finetune(start_model, "shift", "full", few_shot_config,
+                                      n_train=32)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+for start, run in few_shot.items():
+    print(f"{start:>11}: final training loss {run.run.losses[-1]:.4f}, "
+          f"test exact match {run.accuracy:.3f}")
+
+# %%
+assert few_shot["pretrained"].accuracy >= 0.8 and few_shot["random init"].accuracy < 0.2
+print("32 labelled examples are enough after pretraining, and far from enough without it")
+
+# %% [markdown]
+# Both runs fit their 32 examples (the training loss ends near zero), but only the pretrained
+# model *generalises* to the 512 unseen test strings: the random one memorised its examples,
+# while the pretrained one already knew how to read a prompt and copy a string and only had to
+# learn the letter map. That is the lecture's "from general to specific": the general skill
+# comes from self-supervised pretraining on lots of unlabelled text, the specific one from a
+# small labelled set. (With 2,048 examples the random model learns `shift` too: transfer
+# matters most when labels are scarce.)
+#
+# ### The task head: PEFT's `modules_to_save`
+#
+# The lecture's slide "Applying LoRA to Feed-Forward Networks" adds that "the classifier heads
+# are the task-specific modules". A classifier gets a new output layer for each task (three
+# classes for MNLI, two for SST-2); it starts from random numbers and has no pretrained weight
+# to adapt, so it trains *in full*, beside the LoRA matrices. Hugging Face PEFT says this with
+# `LoraConfig(..., modules_to_save=["classifier"])`: the named module is copied, the copy
+# trains, and it is saved in the adapter file with $A$ and $B$. On our GPT the head is
+# `lm_head`; LoRA on $W_q, W_v$ with $r = 8$ (lesson 5), with and without a trainable head:
+
+# %%
+from pedaPEFT import lora
+
+for with_head in (False, True):
+    head_model = gpt.load_pretrained("tiny")
+    lora.apply_lora(head_model, lora.LoRAConfig(r=8, alpha=8, target_modules=("q", "v")))
+    if with_head:
+        gpt.untie_head(head_model)  # the head gets its own copy, as modules_to_save makes one
+        head_model.lm_head.requires_grad_(True)
+    trainable, total = lora.count_parameters(head_model)
+    label = "LoRA q,v + head" if with_head else "LoRA q,v"
+    print(f"{label:<16} stores {trainable:>6,} trainable parameters ({trainable / total:.2%})")
+tiny = gpt.GPTConfig.preset("tiny")
+lora_only = tiny.n_layer * 2 * 8 * (tiny.n_embd + tiny.n_embd)  # L x {q, v} x r (k + d)
+assert lora.count_parameters(head_model)[0] == lora_only + tiny.vocab_size * tiny.n_embd
+
+# %% [markdown]
+# The head ($V \times d = 3{,}072$) costs three quarters as much as all the LoRA matrices
+# together, and section 3 showed that this head alone learns `shift`. At scale the head can
+# even outweigh LoRA: a RoBERTa-large classifier in transformers reads the first token through
+# a $d \times d$ layer and then a $d \times$ classes layer, both with biases:
+
+# %%
+d_large, classes = 1024, 3
+roberta_head = (d_large * d_large + d_large) + (d_large * classes + classes)
+print(f"RoBERTa-large classification head, 3 classes: {roberta_head:,} parameters "
+      f"({roberta_head / 0.8e6:.2f} x the 0.8M of the lecture's RoBERTa-large LoRA row)")
+
+# %% [markdown]
+# So a count of "trainable parameters" says little until it says whether the task head is in
+# it: with `modules_to_save`, PEFT's `print_trainable_parameters` counts the head.
+#
 # ## Exercises
 #
 # Each check cell calls `exercises.check(...)`: it tests your answer and says what is wrong,

@@ -391,8 +391,9 @@ print("prefix tuning and BitFit with the LayerNorm gains learn 'shift'; biases a
 # What the small GPT shows (one seed, one task — a demonstration, not a ranking):
 #
 # * **Prefix tuning** with 8 virtual tokens per layer (2% of the parameters) learns `shift`
-#   (at least 90% exact match, asserted above). It cannot change any weight, only what every position attends to and what it
-#   reads there — enough, here, to turn "copy this letter" into "write the next one".
+#   (at least 90% exact match, asserted above). It cannot change any weight, only what every
+#   position attends to and what it reads there — enough, here, to turn "copy this letter"
+#   into "write the next one".
 # * **BitFit, biases only** (1.4%) learns a part of the map at best (under 60% exact
 #   match, asserted above). With the LayerNorm gains as well — 576
 #   more parameters, 1.7% in all — it learns the map. A gain rescales each feature the next
@@ -428,7 +429,7 @@ print(f"14.2M / (d L) = {14.2e6 / (d3 * L3):.2f} vectors of size d per layer")
 # * **PreLayer 20.2M: not recomputable.** The stated formula and setting give 18.9M; learning
 #   keys and values separately would double it (37.7M). Neither is 20.2M.
 # * **BitFit 14.2M: between the two readings.** All bias vectors give 13.0M, with the
-#   LayerNorm gains 15.3M; 14.2M is $12.0$ vectors of size $d$ per layer, a set the paper
+#   LayerNorm gains 15.4M; 14.2M is about 12 vectors of size $d$ per layer, a set the paper
 #   does not name.
 #
 # On the table's accuracies (WikiSQL 71.3 / 70.1 / 63.1 for BitFit / PreLayer / PreEmbed,

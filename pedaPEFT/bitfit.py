@@ -12,7 +12,7 @@ are ``q, k, v, o`` (``4d``), ``fc`` (``4d``), ``proj`` (``d``) and the two Layer
     |Θ_BitFit| = L · 11 d + d                      (:func:`bitfit_param_count`)
 
 and ``L · 13 d + 2d`` when the LayerNorm gains ``γ`` train too (``layernorm_gain=True``).
-For GPT-3 175B (L = 96, d = 12,288) that is 12,988,416, or 15,347,712 with the gains.
+For GPT-3 175B (L = 96, d = 12,288) that is 12,988,416, or 15,360,000 with the gains.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ def test_bitfit_count_of_gpt3_by_vector():
     d, L = 12_288, 96
     per_block = [d] * 4 + [4 * d, d] + [d, d]
     assert bitfit.bitfit_param_count(L, d) == L * sum(per_block) + d
-    assert bitfit.bitfit_param_count(L, d, layernorm_gain=True) == L * (sum(per_block) + 2 * d) + 2 * d
+    with_gains = L * (sum(per_block) + 2 * d) + 2 * d
+    assert bitfit.bitfit_param_count(L, d, layernorm_gain=True) == with_gains
 
 
 def test_bitfit_finetune_changes_only_biases():
