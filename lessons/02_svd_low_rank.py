@@ -388,9 +388,9 @@ print(f"{'full delta_W':>22} {held_out_error(W_after):>9.5f} {delta_W.size:>8}")
 # depends on downstream task difficulty relative to pre-training"; and "lower ranks [are]
 # expected in earlier Transformer layers, higher ranks in later layers". They are
 # expectations, not measurements; the last one is what AdaLoRA (Zhang et al., 2023), which
-# learns a rank for every matrix, reports for its final ranks (more in the top layers). We can measure all three on
-# the course's small GPT (lesson 3 introduces it): fine-tune *every* weight of the pretrained
-# tiny GPT, so nothing imposes a rank, then take the SVD of each update
+# learns a rank for every matrix, reports for its final ranks (more in the top layers). We can
+# measure all three on the course's small GPT (lesson 3 introduces it): fine-tune *every*
+# weight of the pretrained tiny GPT, so nothing imposes a rank, then take the SVD of each update
 # $\Delta W = W_{\text{after}} - W_{\text{before}}$.
 #
 # The rank of a measured $\Delta W$ is always full (noise is never exactly zero, lesson 1), so
@@ -474,16 +474,17 @@ print(f"W_q, W_k: mean ||dW||_F shift {mean_norm['shift']:.2f}, reverse "
 #
 # * **Low rank: yes.** Nothing restricted the rank, yet every one of the 48 updates puts 90%
 #   of its energy in at most half of its 64 possible directions, and the attention updates
-#   in fewer than the MLP's, on average. Low-rank updates are what full fine-tuning *finds* here; LoRA
-#   bets on it in advance.
+#   in fewer than the MLP's, on average. Low-rank updates are what full fine-tuning *finds*
+#   here; LoRA bets on it in advance.
 # * **Higher rank in later layers: only in part.** The MLP's output projection `proj` needs
 #   more directions in the last layer than in the first, for both tasks; the attention
-#   matrices show no such trend (some need fewer in the last layer). The slide's "expected" is a tendency some matrices show, not a rule for all.
+#   matrices show no such trend (some need fewer in the last layer). The slide's "expected"
+#   is a tendency some matrices show, not a rule for all.
 # * **Depends on the task: yes, but not only as rank.** `reverse`, the task further from
 #   pretraining, moves $W_q$ and $W_k$ much further than `shift` does (over 1.5 times, in
-#   the mean) — and in no more directions: a large, concentrated change of where attention looks. A harder task
-#   can need a larger update rather than a higher-rank one; LoRA's $\alpha/r$ and learning
-#   rate set the size, $r$ only the number of directions.
+#   the mean) — and in no more directions: a large, concentrated change of where attention
+#   looks. A harder task can need a larger update rather than a higher-rank one; LoRA's
+#   $\alpha/r$ and learning rate set the size, $r$ only the number of directions.
 #
 # "Remembering over learning", the slide's gloss, is an interpretation of such
 # measurements, not one of them. Lesson 5 compares LoRA ranks on the same tasks.

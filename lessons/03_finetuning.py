@@ -389,8 +389,8 @@ for kind, x_row, y_row in (("pretraining", x_pre[0], y_pre[0]), ("fine-tuning", 
     scored = y_row != data.IGNORE_INDEX
     print(f"{kind}: input {data.decode(x_row)!r}, {int(scored.sum())} of {len(y_row)} "
           f"positions scored, targets {data.decode(y_row[scored])!r}")
-scored = y_pre[0] != data.IGNORE_INDEX
-assert torch.equal(y_pre[0, :-1][scored[:-1]], x_pre[0, 1:][scored[:-1]])  # labels = next char
+positions = (y_pre[0] != data.IGNORE_INDEX).nonzero().flatten()[:-1]  # the last one is "\n"
+assert torch.equal(y_pre[0, positions], x_pre[0, positions + 1])  # each label: the next char
 
 # %% [markdown]
 # What the first stage buys shows best with *little* labelled data. We fine-tune on only 32
