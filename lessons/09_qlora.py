@@ -402,6 +402,147 @@ for source, r, alpha in (("QLoRA, LLaMA runs", 64, 16), ("LoRA paper, GPT-2", 4,
     print(f"{source:<24} r={r:<3} alpha={alpha:<3} scale alpha/r = {alpha / r:g}")
 
 # %% [markdown]
+# ## 10. The axolotl `qlora.yml` of the lecture, recomputed
+#
+# The lecture shows axolotl's example `examples/llama-2/qlora.yml` and the one command that
+# trains it. Its lines are the recipe of this lesson as configuration:
+#
+# * `base_model: NousResearch/Llama-2-7b-hf`, `load_in_4bit: true`, `adapter: qlora`: a
+#   frozen 4-bit base with LoRA on top (sections 1–4);
+# * `lora_r: 32`, `lora_alpha: 16`, `lora_dropout: 0.05`: rank, scale $\alpha/r$ and dropout
+#   on the LoRA input (section 9, lesson 5);
+# * `lora_target_linear: true`: LoRA on every linear layer of the blocks (section 6);
+# * `sequence_len: 4096`, `sample_packing: true`, `pad_to_sequence_len: true`: how the
+#   training examples fill a sequence (below);
+# * `datasets: mhenrichsen/alpaca_2k_test`, `val_set_size: 0.05`: 2,000 instruction
+#   examples, 5% of them held out for validation.
+#
+# What the numbers imply for Llama-2-7B (vocabulary 32,000, width 4,096, 32 layers of 32
+# heads, MLP 11,008, untied head): the scale, the trainable parameters of $r = 32$ on the
+# seven linear layers of every block ($W_q, W_k, W_v, W_o$ and the MLP's gate, up and down),
+# and what the run keeps in memory by the accounting of section 7.
+
+# %%
+llama2 = dict(vocab=32_000, d=4096, n_layer=32, n_head=32, n_kv_head=32, ffn=11_008)
+n_llama2 = memory.llama_parameter_count(**llama2)
+r_yml, alpha_yml = 32, 16
+d2, ffn2, L2 = llama2["d"], llama2["ffn"], llama2["n_layer"]
+lora_per_layer = 4 * r_yml * (d2 + d2) + 3 * r_yml * (d2 + ffn2)  # r (in + out) per matrix
+trainable_yml = L2 * lora_per_layer
+linear_yml = L2 * (4 * d2 * d2 + 3 * d2 * ffn2)
+print(f"Llama-2-7B: {n_llama2:,} parameters, {linear_yml:,} in the blocks' Linear layers")
+print(f"scale alpha / r = {alpha_yml} / {r_yml} = {alpha_yml / r_yml}")
+print(f"trainable, r = {r_yml} on all 7 x {L2} linear layers: {trainable_yml:,} "
+      f"({100 * trainable_yml / n_llama2:.2f}% of the base; PEFT prints "
+      f"{100 * trainable_yml / (n_llama2 + trainable_yml):.4f}%)")
+base_gb = (linear_yml * 4.127 / 8 + 2 * (n_llama2 - linear_yml)) / memory.GB
+adapter_gb = trainable_yml * (2 + 2 + memory.optimizer_state_bytes("adamw", "fp32")) / memory.GB
+print(f"4-bit base (Linear at 4.127 bits, the rest bf16): {base_gb:.2f} GB; adapter, its "
+      f"gradient and fp32 AdamW moments: {adapter_gb:.2f} GB")
+assert n_llama2 == 6_738_415_616  # Llama-2-7B's published count
+assert round(100 * trainable_yml / n_llama2, 2) == 1.19 and 4 < base_gb + adapter_gb < 6
+
+# %% [markdown]
+# * **Scale 0.5.** $\alpha = 16$ with $r = 32$ halves the update $BA$; QLoRA's own runs use
+#   0.25 ($r = 64$, $\alpha = 16$, section 9), the "2 × rank" rule would give 2. None is
+#   "right": $\alpha/r$ and the learning rate trade against each other (lesson 5, section 4).
+# * **80 M trainable parameters, 1.19% of the base** — twice the lecture's "0.6%" example,
+#   because $r = 32$ on all seven matrices is a large adapter. Base and adapter state
+#   together are about 5 GB: the rest of a 24 GB card is for activations.
+#
+# **Sequence 4096 and sample packing.** Instruction examples are mostly far shorter than
+# 4096 tokens. Padded one per sequence to `sequence_len: 4096`, most of every sequence would
+# be padding that costs compute and scores nothing. With `sample_packing: true` axolotl
+# concatenates several examples into each 4096-token sequence (`pad_to_sequence_len` pads
+# only the remainder; with flash attention it keeps each example's attention inside its own
+# span). Our own tasks show the arithmetic: a `shift` example is 16 characters, so one
+# example per 4096-long row would be
+# 0.4% useful positions, while packing fills all 256 slots:
+
+# %%
+example = data.task_data("shift", "train", 1).x[0]
+example_len = len(data.decode(example).rstrip("_")) + 1  # its characters and the final newline
+packed = 4096 // example_len
+print(f"one 'shift' example: {example_len} tokens; padded alone to 4096: "
+      f"{100 * example_len / 4096:.2f}% of the positions used; packed: {packed} examples, "
+      f"{100 * packed * example_len / 4096:.1f}%")
+
+# %% [markdown]
+# ## 11. The summary slide: Guanaco on the Vicuna benchmark
+#
+# The lecture ends: "While evaluation is noisy, Guanaco models outperform existing open-source
+# models on the Vicuna benchmark." What was measured (QLoRA paper, section 5):
+#
+# * **Guanaco** is LLaMA (7B–65B) fine-tuned with QLoRA — NF4, double quantization, paged
+#   optimizers, LoRA on every linear layer — on OASST1, crowd-sourced assistant
+#   conversations.
+# * **The Vicuna benchmark** is 80 prompts. GPT-4 reads a model's answer and ChatGPT's and
+#   scores both from 1 to 10; a model's number is its total score as a percentage of
+#   ChatGPT's. GPT-4 favours whichever answer it reads first, so every pair is judged in
+#   both orders and the two percentages are averaged. A model can exceed 100%.
+# * A tournament of the same answers judged by humans gives **Elo ratings** (table 7 of the
+#   paper; each start at 1,000, averaged over 10,000 orderings of the games).
+#
+# Table 6 of the paper (percentage of ChatGPT, memory of the model's weights):
+
+# %%
+vicuna_table6 = (  # model, parameters (billions), bits, memory in GB, % of ChatGPT
+    ("GPT-4", None, None, None, 114.5), ("Bard", None, None, None, 94.8),
+    ("Guanaco 65B", 65, 4, 41, 99.3), ("Guanaco 33B", 33, 4, 21, 97.8),
+    ("Vicuna 13B", 13, 16, 26, 94.9), ("Open Assistant 33B", 33, 16, 66, 94.9),
+    ("Guanaco 13B", 13, 4, 10, 90.4), ("Guanaco 7B", 7, 4, 5, 87.0),
+    ("Alpaca 13B", 13, 4, 10, 69.4),
+)
+print(f"{'model':<20}{'% of ChatGPT':>13}{'weights':>8}{'memory':>8}{'bytes/param':>13}")
+for name, billions, bits, gigabytes, score in vicuna_table6:
+    per_param = "" if billions is None else f"{gigabytes / billions:.2f}"
+    bits_text = "" if bits is None else f"{bits}-bit"
+    memory_text = "" if gigabytes is None else f"{gigabytes} GB"
+    print(f"{name:<20}{score:>12.1f}%{bits_text:>8}{memory_text:>8}{per_param:>13}")
+scores = {name: score for name, *_, score in vicuna_table6}
+four_bit = [gb / billions for _, billions, bits, gb, _ in vicuna_table6 if bits == 4]
+assert 0.6 < min(four_bit) and max(four_bit) < 0.8
+print(f"Guanaco 65B - Vicuna 13B: {scores['Guanaco 65B'] - scores['Vicuna 13B']:.1f} points; "
+      f"Guanaco 7B (5 GB) - Alpaca 13B (10 GB): "
+      f"{scores['Guanaco 7B'] - scores['Alpaca 13B']:.1f} points")
+
+# %% [markdown]
+# The memory column is about what section 7 predicts: a 16-bit model needs 2 bytes per
+# parameter (Vicuna 13B: 26 GB), a 4-bit one a little over half a byte once the quantization
+# constants, the 16-bit embeddings and head, and the adapter are counted (0.63–0.77). And
+# "outperform existing open-source models" is true of the top of the table: Guanaco 65B and
+# 33B score above Vicuna 13B and Open Assistant 33B (94.9%), with Guanaco 33B in less memory
+# than Vicuna 13B.
+#
+# "Noisy" is the other half of the sentence. An Elo difference $\Delta$ means an expected win
+# rate of $1 / (1 + 10^{-\Delta/400})$ for the higher-rated model:
+
+# %%
+elo_table7 = {"GPT-4": 1176, "Guanaco-65B": 1023, "Guanaco-7B": 1010, "Guanaco-33B": 1009,
+              "Vicuna-13B": 984, "Guanaco-13B": 975, "ChatGPT-3.5": 916, "Bard": 909}
+
+
+def expected_win(rating_a, rating_b):
+    """Probability that the player rated rating_a beats the one rated rating_b (Elo)."""
+    return 1 / (1 + 10 ** (-(rating_a - rating_b) / 400))
+
+
+for a, b in (("Guanaco-65B", "ChatGPT-3.5"), ("Guanaco-65B", "Vicuna-13B"),
+             ("Guanaco-7B", "Guanaco-33B"), ("GPT-4", "Guanaco-65B")):
+    print(f"{a} ({elo_table7[a]}) vs {b} ({elo_table7[b]}): expected win rate "
+          f"{100 * expected_win(elo_table7[a], elo_table7[b]):.1f}%")
+print(f"Vicuna-13B - Bard: {elo_table7['Vicuna-13B'] - elo_table7['Bard']} Elo points; "
+      f"% of ChatGPT: {scores['Vicuna 13B'] - scores['Bard']:.1f} points")
+
+# %% [markdown]
+# Guanaco 65B would win about 56% of its games against Vicuna 13B — a real but small edge
+# from 80 prompts — and the human ranking puts Guanaco 7B above Guanaco 33B, a one-point
+# difference that is a coin toss (50.1%). The two judges also disagree: GPT-4 scores Bard and
+# Vicuna 13B close to each other (94.8%, 94.9%), the human Elo ratings 75 points apart. That
+# is the slide's "noisy": 80 prompts separate models that differ a lot and cannot rank the
+# close ones. What they do show is that a QLoRA fine-tune, on one GPU, reached the level of
+# the best open models of its time.
+#
 # ## Exercises
 #
 # The check cells run your code on random weights and inputs and compare it with autograd
