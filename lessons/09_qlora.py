@@ -456,13 +456,13 @@ assert round(100 * trainable_yml / n_llama2, 2) == 1.19 and 4 < base_gb + adapte
 # concatenates several examples into each 4096-token sequence (`pad_to_sequence_len` pads
 # only the remainder; with flash attention it keeps each example's attention inside its own
 # span). Our own tasks show the arithmetic: a `shift` example is 16 characters, so one
-# example per 4096-long row would be
-# 0.4% useful positions, while packing fills all 256 slots:
+# example per 4096-long row would be 0.4% useful positions, while packing fills all 256 slots:
 
 # %%
 example = data.task_data("shift", "train", 1).x[0]
 example_len = len(data.decode(example).rstrip("_")) + 1  # its characters and the final newline
 packed = 4096 // example_len
+assert (example_len, packed) == (16, 256)
 print(f"one 'shift' example: {example_len} tokens; padded alone to 4096: "
       f"{100 * example_len / 4096:.2f}% of the positions used; packed: {packed} examples, "
       f"{100 * packed * example_len / 4096:.1f}%")
