@@ -454,8 +454,8 @@ lora_only = tiny.n_layer * 2 * 8 * (tiny.n_embd + tiny.n_embd)  # L x {q, v} x r
 assert lora.count_parameters(head_model)[0] == lora_only + tiny.vocab_size * tiny.n_embd
 
 # %% [markdown]
-# The head ($V \times d = 3{,}072$) costs three quarters as much as all the LoRA matrices
-# together, and section 3 showed that this head alone learns `shift`. At scale the head can
+# The head ($V \times d = 3{,}072$) adds 37.5% to the 8,192 parameters of all the LoRA
+# matrices together, and section 3 showed that this head alone learns `shift`. At scale the head can
 # even outweigh LoRA: a RoBERTa-large classifier in transformers reads the first token through
 # a $d \times d$ layer and then a $d \times$ classes layer, both with biases:
 
