@@ -237,14 +237,18 @@ if triton is not None:
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y (M, N) = x (M, K) · Wᵀ + bias + scaling · lora_in (M, rank) · Bᵀ (rank, N).
 
-        Each step of the K loop: x's tile (BLOCK_M, BLOCK_K) split into its even and odd
-        columns, W's tile as two (BLOCK_N, BLOCK_K/2) halves, two tensor-core products."""
+        Each step of the K loop: x's tile (BLOCK_M, BLOCK_K) loaded whole and split into its
+        even and odd columns, W's tile as two (BLOCK_N, BLOCK_K/2) halves, two tensor-core
+        products."""
         HALF: tl.constexpr = BLOCK_K // 2
         rows_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x_even, x_odd = _even_odd_columns(x_ptr, rows_m, M, k0, K, HALF)
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows_m[:, None] * K + cols[None, :],
+                        mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
             w_even, w_odd = _weight_halves(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
                                            nested_code_ptr, offset_ptr, rows_n, N, k0, K,
                                            BLOCK_N, HALF, BLOCKSIZE, DQ_BLOCKSIZE,
@@ -298,7 +302,9 @@ if triton is not None:
             r = tl.arange(0, RANK_TILE)
             u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
                         mask=(rows_m[:, None] < M) & (r[None, :] < rank), other=0.0)
-            a_even, a_odd = _even_odd_columns(lora_a_ptr, r, rank, k0, K, HALF)
+            a = tl.load(lora_a_ptr + r[:, None] * K + cols[None, :],
+                        mask=(r[:, None] < rank) & (cols[None, :] < K), other=0.0)
+            a_even, a_odd = tl.split(tl.reshape(a, (RANK_TILE, HALF, 2)))
             acc_even += scaling * tl.dot(u, a_even)
             acc_odd += scaling * tl.dot(u, a_odd)
         out = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, BLOCK_K))
