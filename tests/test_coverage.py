@@ -2,12 +2,12 @@
 
 The slide titles are kept in ``tests/data/lecture_slides.txt``, one a line, parsed from the
 lecture's text; with ``PEDAPEFT_LECTURE`` set to that text's path, the parse is redone and
-compared. A slide's title is a line of the lecture text that starts a block (it follows an empty line),
-starts at the margin with neither a list marker, a formula, a link, a table, code, a number
-nor a numbered step, holds no tab (a table row), is at most ``MAX_TITLE`` characters long,
-does not end with ``.`` or ``:``, and is not one of ``NOT_TITLES`` below (the
-authors and affiliations of the title slides, the YAML keys of the axolotl slide, and the
-captions that stand alone inside a slide).
+compared. A slide's title is a line of the lecture text that starts a block (it follows an
+empty line), starts at the margin with neither a list marker, a formula, a link, a table,
+code, a number nor a numbered step, holds no tab (a table row), is at most ``MAX_TITLE``
+characters long, does not end with ``.`` or ``:``, and is not one of ``NOT_TITLES`` below
+(the authors and affiliations of the title slides, the YAML keys of the axolotl slide, and
+the captions that stand alone inside a slide).
 """
 
 import os

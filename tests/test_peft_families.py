@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pedaPEFT import bitfit, gpt, prefix, train
+from pedaPEFT import bitfit, data, gpt, prefix, train
 
 
 def micro_model(seed: int = 0, **overrides) -> gpt.GPT:
@@ -15,9 +15,11 @@ def micro_model(seed: int = 0, **overrides) -> gpt.GPT:
     return gpt.GPT(gpt.GPTConfig(**{**shape, **overrides}))
 
 
-def quiet(steps: int) -> train.TrainConfig:
-    return train.TrainConfig(steps=steps, batch_size=8, lr=1e-2, warmup_steps=0,
-                             weight_decay=0.0, progress=False)
+def train_briefly(model: gpt.GPT, steps: int = 2) -> None:
+    examples = data.task_data("shift", "train", 16)
+    config = train.TrainConfig(steps=steps, batch_size=8, lr=1e-2, warmup_steps=0,
+                               weight_decay=0.0, progress=False, device="cpu")
+    train.train(model, lambda step: examples.batch(step, 8), config)
 
 
 # ----------------------------------------------------------------------------------- BitFit
@@ -48,11 +50,12 @@ def test_bitfit_count_of_gpt3_by_vector():
     assert bitfit.bitfit_param_count(L, d, layernorm_gain=True) == with_gains
 
 
-def test_bitfit_finetune_changes_only_biases():
+def test_bitfit_method_trains_only_biases():
     model = micro_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train.finetune(model, "shift", "bitfit", quiet(steps=3), n_train=16)
-    assert result.trainable == bitfit.bitfit_param_count(3, 32)
+    model, trainable, _ = train.prepare(model, "bitfit")
+    assert trainable == bitfit.bitfit_param_count(3, 32)
+    train_briefly(model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.endswith(".bias") for n in changed)
 
@@ -126,12 +129,16 @@ def test_prefix_counts_and_what_trains():
     assert prefix.prefix_embedding_count(12_288, 264) == 12_288 * 264
 
 
-def test_prefix_finetune_changes_only_the_prefixes():
+def test_prefix_method_trains_only_the_prefixes():
     model = micro_model()
-    result = train.finetune(model, "shift", "prefix", quiet(steps=2), n_train=16,
-                            method_options={"n_prefix": 3})
-    assert result.trainable == prefix.prefix_param_count(3, 32, 3)
-    assert result.total == sum(p.numel() for p in model.parameters())
+    model, trainable, total = train.prepare(model, "prefix", {"n_prefix": 3})
+    assert trainable == prefix.prefix_param_count(3, 32, 3)
+    assert total == sum(p.numel() for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_briefly(model)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"blocks.{i}.attn.prefix_{kind}" for i in range(3)
+                       for kind in ("keys", "values")}
 
 
 def test_prefix_bad_input():
