@@ -502,14 +502,17 @@ for name, billions, bits, gigabytes, score in vicuna_table6:
 scores = {name: score for name, *_, score in vicuna_table6}
 four_bit = [gb / billions for _, billions, bits, gb, _ in vicuna_table6 if bits == 4]
 assert 0.6 < min(four_bit) and max(four_bit) < 0.8
+print(f"section 10's 4-bit Llama-2-7B weights: {base_gb * memory.GB / n_llama2:.2f} bytes per "
+      "parameter")
 print(f"Guanaco 65B - Vicuna 13B: {scores['Guanaco 65B'] - scores['Vicuna 13B']:.1f} points; "
       f"Guanaco 7B (5 GB) - Alpaca 13B (10 GB): "
       f"{scores['Guanaco 7B'] - scores['Alpaca 13B']:.1f} points")
 
 # %% [markdown]
-# The memory column is about what section 7 predicts: a 16-bit model needs 2 bytes per
-# parameter (Vicuna 13B: 26 GB), a 4-bit one a little over half a byte once the quantization
-# constants, the 16-bit embeddings and head, and the adapter are counted (0.63–0.77). And
+# The memory column is close to what sections 7 and 10 predict: a 16-bit model needs 2 bytes
+# per parameter (Vicuna 13B: 26 GB); a 4-bit one 0.63–0.77, a little more than the 0.57 that
+# section 10 counted for the weights of a 7B model (3.87 GB, the 16-bit embeddings and head
+# included) — the table's figures also hold what runs beside the weights. And
 # "outperform existing open-source models" is true of the top of the table: Guanaco 65B and
 # 33B score above Vicuna 13B and Open Assistant 33B (94.9%), with Guanaco 33B in less memory
 # than Vicuna 13B.
