@@ -262,15 +262,14 @@ class GPT(nn.Module):
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.ln_f(x)
 
-    def gradient_checkpointing_enable(self, enabled: bool = True) -> GPT:
-        """Turn gradient checkpointing on (or off with ``enabled=False``); returns the model.
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Turn gradient checkpointing on (or off with ``enabled=False``).
 
         Introduced in lesson 10, section "8. Activations, and gradient checkpointing".
         """
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be True or False, got {enabled!r}")
         self.gradient_checkpointing = enabled
-        return self
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.features(idx))

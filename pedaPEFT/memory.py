@@ -41,6 +41,7 @@ them for ``pedaPEFT.gpt.GPT`` and ``saved_tensor_bytes`` measures them.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -277,7 +278,7 @@ def conventions_table(markdown: bool = False) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
     lines = [f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}"
              for row in [header, *rows]]
-    return "\n".join(lines) + "\n" + unit
+    return "\n".join(lines) + "\n" + textwrap.fill(unit, 96)
 
 
 # --------------------------------------------------------------------------- activations
