@@ -24,13 +24,15 @@
 # unified memory) and how the package's `PagedAdamW` does it instead (a memory budget, pinned
 # host memory, explicit copies in pages), and then runs full fine-tuning of the small GPT on a
 # simulated device that a large batch overfills: plain AdamW runs out of memory, the paged one
-# finishes with the same weights. Finally we check the lecture's claim about a 33B model on a
-# 24 GB GPU against the QLoRA paper and against arithmetic.
+# finishes with the same weights. Then we check the lecture's claim about a 33B model on a
+# 24 GB GPU against the QLoRA paper and against arithmetic, and last we measure the
+# activations themselves and what gradient checkpointing does to them.
 #
 # **You will learn:** what AdamW stores and why its update can be done in slices; what
 # unified memory, page faults and prefetching are; how a budget, pages and a double buffer
 # replace them; what paging buys (memory at a spike) and what it costs (copies); where the
-# lecture's paged-optimizer slides are right and wrong.
+# lecture's paged-optimizer slides are right and wrong; how much activation memory a training
+# step keeps, and what gradient checkpointing trades for it.
 
 # %%
 # Setup, the same in every lesson: install pedaPEFT if this Python lacks it (Colab, JupyterHub),

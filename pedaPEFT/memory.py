@@ -13,8 +13,9 @@ with bytes per parameter b set by the precision and the optimizer:
     "amp"         4        4        0       torch.autocast: float32 weights, 16-bit compute
     "mixed"       2        2        4       16-bit weights and gradients, float32 master copy
                                             (the ZeRO paper's accounting)
-    "bf16-fp32-moments"                      16-bit weights and gradients, float32 Adam
-                  2        2        0       moments, no master copy (QLoRA's adapters)
+    "bf16-fp32-moments"
+                  2        2        0       16-bit weights and gradients, float32 Adam
+                                            moments, no master copy (QLoRA's adapters)
     "bf16"        2        2        0       pure 16-bit training
 
     optimizer        b_state
@@ -198,7 +199,8 @@ def bytes_per_parameter(**kwargs: object) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Convention:
-    """One fine-tuning regime as the course counts it: the arguments of ``finetune_memory``.
+    """One fine-tuning regime as the course counts it: the arguments of ``finetune_memory``
+    (``method``, ``precision``, ``optimizer``) and, in words, what a trained parameter keeps.
 
     Introduced in lesson 3, section "The course's memory conventions".
     """
@@ -223,7 +225,9 @@ class Convention:
 
     def bytes_per_trainable(self) -> float:
         """Bytes of one trainable parameter: weight + gradient + master copy + moments."""
-        return self.memory(0 if self.method != "full" else 1, 1).static
+        if self.method == "full":
+            return self.memory(1).static
+        return self.memory(0, trainable=1).static
 
     def bytes_per_frozen(self) -> float:
         """Bytes of one frozen base parameter (a quantized one, for QLoRA); 0 for full."""
