@@ -378,7 +378,11 @@ def saved_tensor_bytes(step: Callable[[], torch.Tensor], model: nn.Module) -> in
     """Measure the bytes autograd saves during ``step()`` (a forward that returns the loss).
 
     Each saved tensor is counted once per storage; the model's parameters (and their
-    16-bit copies' parents) are excluded, so the result is the activation memory.
+    16-bit copies' parents) are excluded, so the result is the activation memory. Under
+    gradient checkpointing it counts what the checkpoints keep (each block's input), not what
+    they recompute.
+
+    Introduced in lesson 10, section "8. Activations, and gradient checkpointing".
     """
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
