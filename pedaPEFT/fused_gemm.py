@@ -45,7 +45,7 @@ try:  # CUDA builds of PyTorch ship Triton; a CPU-only install runs the dequanti
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-FUSED_MAX_ROWS = {"forward": 0, "input_grad": 0}
+FUSED_MAX_ROWS = {"forward": 1, "input_grad": 0}
 """Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring).
 
 Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30): this kernel is slower
