@@ -236,9 +236,10 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_qlora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments, files
 
-    out = Path(args.out) if args.out else experiments.results_path(f"qlora_table3_{args.task}")
+    name = "qlora_qv" if args.rows == "qv" else "qlora_table3"
+    out = Path(args.out) if args.out else experiments.results_path(f"{name}_{args.task}")
     files.check_output_file(out, "--out")
-    results = experiments.experiment("qlora_table3", args.scale, args.task, log=print)
+    results = experiments.experiment(name, args.scale, args.task, log=print)
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0
@@ -322,9 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     qlora_experiment.add_argument("--task", default="reverse", choices=TASKS,
                                   help="downstream task (default: reverse)")
     qlora_experiment.add_argument(
+        "--rows", default="all", choices=["all", "qv"],
+        help="all (default): table 3's seven rows at fixed learning rates; qv: its two W_q, W_v "
+             "rows, each with its learning rate chosen on a validation split (as lora-experiment "
+             "does) -- results/qlora_qv_<task>.json"
+    )
+    qlora_experiment.add_argument(
         "--out", default=None,
-        help="output JSON (default: results/qlora_table3_<task>.json in the working directory; "
-             "--out pedaPEFT/results/qlora_table3_<task>.json refreshes a clone's committed copy)"
+        help="output JSON (default: results/qlora_table3_<task>.json, or qlora_qv_<task>.json "
+             "with --rows qv, in the working directory; --out pedaPEFT/results/<that name> "
+             "refreshes a clone's committed copy)"
     )
     qlora_experiment.set_defaults(run=command_qlora_experiment)
 
