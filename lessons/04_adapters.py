@@ -261,9 +261,9 @@ denominators = {"340M": 340e6, f"{bert_exact / 1e6:.1f}M (exact)": bert_exact,
 print(f"{'m = 64, trained':<31}{'count':>11}" + "".join(f"{d:>20}" for d in denominators))
 rounded = {}  # (what is counted, denominator) -> share in %, to one decimal as in table 1
 for name, count in counted.items():
-    shares = [100 * count / total for total in denominators.values()]
-    print(f"{name:<31}{count:>11,}" + "".join(f"{s:>19.2f}%" for s in shares))
-    rounded.update({(name, d): round(s, 1) for d, s in zip(denominators, shares)})
+    shares = {d: 100 * count / total for d, total in denominators.items()}
+    print(f"{name:<31}{count:>11,}" + "".join(f"{s:>19.2f}%" for s in shares.values()))
+    rounded.update({(name, d): round(s, 1) for d, s in shares.items()})
 print("rounds to 2.1%:", [key for key, value in rounded.items() if value == 2.1])
 print(f"total params for 9 tasks at 2.1% each: 1 + 9 x 0.021 = {1 + 9 * 0.021:.2f} x")
 layers_only = list(denominators)[2]
