@@ -279,14 +279,15 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
             lrs[setting["method"]], searches[setting["method"]] = choose_lr(
                 setting["method"], setting["options"], task, scale, log)
     rows = run_many(settings, task, scale, lrs, log)
+    alpha = {"lora_alpha": LORA_ALPHA} if name in ("adapters", "tables") else {}  # else per row
     return {
+        **alpha,
         "experiment": name,
         "task": task,
         "scale": scale_name,
         "config": asdict(scale),
         "lr": lrs,
         "lr_search": searches,
-        "lora_alpha": LORA_ALPHA,
         "base_sha256": base_sha256(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
