@@ -14,9 +14,9 @@ as it was before the fused GEMM, for the memory comparison). A training step is 
 cross-entropy on float32 logits, backward and fused AdamW; the decode-like forward is a
 no-grad forward of T tokens. Eager timings are ``triton.testing.do_bench`` medians, which zero a
 256 MB buffer (flushing the L2 cache) before every repetition; compiled timings use
-``torch.compile`` (default mode, no CUDA graphs). Memory: "static" = what the method's model
-and optimizer state hold between steps; "peak above static" = the highest allocation during a
-step minus everything allocated before it.
+``torch.compile`` (default mode, no CUDA graphs, static shapes, one compilation per T).
+Memory: "static" = what the method's model and optimizer state hold between steps; "peak
+above static" = the highest allocation during a step minus everything allocated before it.
 
 The crossover section times, per weight shape and row count M, the fused dequant-GEMM kernel
 and dequantize + cuBLAS (forward ``x·Wᵀ`` and input gradient ``g·W``, LoRA term included), next
@@ -472,11 +472,13 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
                     "pedaPEFT QLoRA / PEFT LoRA bf16", q / replay[("peft_lora", T)])
         RESULTS["decode_graph_replay"] = {f"{m} T={T}": v for (m, T), v in replay.items()}
     compiled = {}
-    for m in [m for m in ("ours_qlora", "ours_lora") if m in runs]:
-        runs[m].compiled = torch.compile(runs[m].model)
     for T in compile_T:
         idx = torch.randint(0, config.vocab_size, (1, T), device=device)
         for m in [m for m in ("ours_qlora", "ours_lora") if m in runs]:
+            # one static-shape compilation per sequence length, as a training run at a fixed
+            # length uses (a second length would otherwise recompile with dynamic shapes)
+            torch._dynamo.reset()
+            runs[m].compiled = torch.compile(runs[m].model, dynamic=False)
             if time.perf_counter() > DEADLINE[0]:
                 NOTES.append(f"compile of {LABELS[m]} at T={T} skipped: the run's time budget "
                              "was spent")

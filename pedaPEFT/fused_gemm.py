@@ -15,16 +15,16 @@ Two ways to compute ``x · Wᵀ`` and ``g · W`` (kept both, chosen by the numbe
   dimension; at every step it loads a tile of packed bytes (half a byte per weight), rebuilds the
   block scales (``nested_code[q] · nested_absmax + offset``, product then sum, no FMA) and the
   weights in float32, rounds them to bf16 once (so the tile is bit-identical to the
-  dequantized weight) and feeds the tensor cores, accumulating in float32. The LoRA term
-  ``s · (x·Aᵀ) · Bᵀ`` (or ``u · A``) and the bias are added to the same fp32 accumulator before
-  the one rounding of the output. The dense weight never exists in memory: 0.52 bytes per weight
-  are read instead of 2, which is what small M (decoding, small batches) is bound by. As
-  written it does not get there (measured below: it is bound by per-element tile work).
+  dequantized weight) and feeds the tensor cores (up to ``ROWS_KERNEL_MAX`` rows: float32
+  multiply-adds), accumulating in float32. The LoRA term ``s · (x·Aᵀ) · Bᵀ`` (or ``u · A``)
+  and the bias join the same accumulator before the one rounding of the output. The dense
+  weight never exists in memory: 0.52 bytes per weight are read instead of 2, what small M is
+  bound by; as written the kernels are bound by the per-weight decode instead (``FUSED_MAX_ROWS``).
 * **dequantize + cuBLAS**: one pass writes the dense bf16 weight, then cuBLAS multiplies. The
   fused kernel redoes the dequantization arithmetic once per row tile of the output, on the
   same cores that must also issue the matrix instructions, so past some M the separate pass
   (paid once) is cheaper. ``FUSED_MAX_ROWS`` holds that crossover, measured on an H200 by
-  ``benchmarks/qlora_model_gpu.py`` (section "crossover" of ``benchmarks/qlora_model_gpu.md``).
+  ``benchmarks/qlora_model_gpu.py``.
 
 Both paths take the same arguments through :func:`matmul_4bit`, registered as the operator
 ``torch.ops.pedapeft.matmul_4bit`` so that ``torch.compile`` keeps one opaque node. Without
@@ -45,15 +45,14 @@ try:  # CUDA builds of PyTorch ship Triton; a CPU-only install runs the dequanti
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-FUSED_MAX_ROWS = {"forward": 0, "input_grad": 0}
+FUSED_MAX_ROWS = {"forward": 1, "input_grad": 0}
 """Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring).
 
-Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30): this kernel is slower
-than dequantize + cuBLAS at every M from 1 to 2048 and for every LLaMA-8B-width shape (at
-M = 1, W 4096 x 4096: 269 us against 77 us; it moves 0.03 TB/s, under 1 % of the copy
-bandwidth), so the crossover is M = 0 and the dispatch never picks it. It is kept, tested
-against the CPU reference, for the day it is made fast: raise these limits to route small M
-through it."""
+Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30, launches included): for one
+row the matrix-vector kernel takes 26 to 76 us against 56 to 191 us for dequantize + cuBLAS on
+the LLaMA-8B-width shapes; from 16 rows on, and for the input gradient at every M, dequantize +
+cuBLAS is faster (the tensor-core kernels decode each weight tile again for every row tile of
+the output, and reach about 4 % of the GEMM ceiling)."""
 
 ROWS_KERNEL_MAX = 4
 """Forward calls with at most this many rows use the matrix-vector kernel (no tensor cores)."""
@@ -329,10 +328,8 @@ def fused_supported(a: torch.Tensor, out_features: int, in_features: int, blocks
 
 def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, transposed, bias,
             lora_in, lora_weight, scaling):
-    """The fused kernel: a·Wᵀ (+ bias) (+ s·lora_in·Bᵀ), or a·W (+ s·lora_in·A) if transposed.
-
-    Forward with at most ``ROWS_KERNEL_MAX`` rows: the matrix-vector kernel; otherwise the
-    tensor-core kernels."""
+    """The fused kernel: a·Wᵀ (+ bias) (+ s·lora_in·Bᵀ), or a·W (+ s·lora_in·A) if transposed
+    (the matrix-vector kernel for a forward of at most ``ROWS_KERNEL_MAX`` rows)."""
     packed, absmax, code, nested_absmax, nested_code, offset = stored
     M = a.shape[0]
     N, K = out_features, in_features
