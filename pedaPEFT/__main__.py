@@ -135,7 +135,11 @@ def command_lora_experiment(args: argparse.Namespace) -> int:
     name = f"lora_{args.name}" + ("" if args.task in (None, "shift") else f"_{args.task}")
     out = Path(args.out) if args.out else experiments.results_path(name)
     files.check_output_file(out, "--out")
-    results = experiments.experiment(args.name, args.scale, args.task, log=print)
+    if args.name == "learns":
+        from pedaPEFT import lora_learns
+        results = lora_learns.experiment(args.scale, args.task, log=print)
+    else:
+        results = experiments.experiment(args.name, args.scale, args.task, log=print)
     experiments.write_results(results, out)
     print(f"wrote {out} ({results['seconds']:.0f} s)")
     return 0
@@ -376,9 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     site.set_defaults(run=command_site)
 
     lora_experiment = commands.add_parser(
-        "lora-experiment", help="fine-tuning sweeps of lessons 4-5 (adapters, LoRA tables 5-6)"
+        "lora-experiment", help="lessons 4-5: adapters, LoRA tables 5-6, what LoRA learns"
     )
-    lora_experiment.add_argument("name", choices=["adapters", "tables"])
+    lora_experiment.add_argument("name", choices=["adapters", "tables", "learns"])
     lora_experiment.add_argument("--scale", choices=["small", "full"], default="small")
     lora_experiment.add_argument("--task", default=None, choices=TASKS,
                                  help="downstream task (default: shift)")

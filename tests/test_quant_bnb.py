@@ -34,6 +34,7 @@ def test_code_tables_equal_bitsandbytes():
     assert torch.equal(quant.nf4_code(), F.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(quant.fp4_code(), F.get_4bit_type("fp4", device="cpu"))
     assert torch.equal(quant.dynamic_code(), F.create_dynamic_map(signed=True))
+    assert torch.equal(quant.dynamic_code(signed=False), F.create_dynamic_map(signed=False))
     normal_map = F.create_normal_map(offset=quant.NF4_OFFSET, use_extra_value=True)
     assert torch.equal(torch.unique(normal_map), quant.nf4_code())
 
