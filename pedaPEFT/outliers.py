@@ -11,13 +11,17 @@ functions measure both on any model:
   :func:`outlier_features`, the dimensions whose ``max |x|`` is at least ``factor`` times the
   median dimension's;
 * :func:`linear_inputs`, the input of every ``nn.Linear`` of a model on a batch, and
-  :func:`block_outputs`, the residual stream after each block.
+  :func:`block_outputs`, the residual stream after each block;
+* :func:`pydocs_sample`, the course's model of real text and a batch of held-out text to
+  measure them on.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pedaPEFT import corpus, gpt
 
 
 def _check_tensor(x: object, name: str, min_dim: int = 1) -> torch.Tensor:
@@ -113,3 +117,18 @@ def block_outputs(model: nn.Module, idx: torch.Tensor) -> list[torch.Tensor]:
         raise ValueError("model must have a non-empty nn.ModuleList `blocks` (a pedaPEFT GPT)")
     captured = _capture(model, idx, {str(i): block for i, block in enumerate(blocks)}, "output")
     return [captured[str(i)] for i in range(len(blocks))]
+
+
+def pydocs_sample(batch_size: int = 8) -> tuple[gpt.GPT, torch.Tensor]:
+    """The shipped ``pydocs`` base (lesson 11's GPT, pretrained on Python's documentation) in
+    eval mode, and ``batch_size`` windows of its full context (256 tokens) of held-out
+    (validation) documentation, shape ``(batch_size, 256)``.
+
+    Introduced in lesson 6, section "6. Weight outliers and activation outliers".
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    model = gpt.load_pretrained("pydocs").eval()
+    text, _ = corpus.batch(corpus.tokens("validation"), step=0, batch_size=batch_size,
+                           block_size=model.config.block_size)
+    return model, text
