@@ -181,7 +181,8 @@ def lora_learned_updates(results: dict | None = None, layer: str = "blocks.1.att
     colors = {"full": "C7", "r8": "C0", "r64": "C3"}
     figure, axes = plt.subplots(1, 3, figsize=(14, 4.0))
     for label in labels:
-        sigma = np.array(row[label]["singular_values"])
+        rank = SETTINGS[label][1].get("r", len(row[label]["singular_values"]))
+        sigma = np.array(row[label]["singular_values"][:rank])  # BA has rank <= r
         axes[0].semilogy(np.arange(1, sigma.size + 1), sigma / sigma[0], "o-", ms=3,
                          color=colors[label], label=labels[label])
     axes[0].set_ylim(1e-4, 1.5)
@@ -193,6 +194,7 @@ def lora_learned_updates(results: dict | None = None, layer: str = "blocks.1.att
     image = axes[1].imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto",
                            extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
     figure.colorbar(image, ax=axes[1], label=r"$\phi$")
+    axes[1].set_xticks([1, 4, 8, 12, 16])
     axes[1].set_xlabel("j (top directions of $A_{r=64}$)")
     axes[1].set_ylabel("i (top directions of $A_{r=8}$)")
     axes[1].set_title(r"$\phi(A_{r=8}, A_{r=64}, i, j)$; random: $\max(i,j)/64$")
