@@ -592,7 +592,7 @@ print(f"task {learns['task']!r}, {learns['config']['steps']} steps, seeds "
       f"{learns['base_sha256'] == experiments.base_sha256()}")
 print("test exact match:", {label: [round(a, 3) for a in accuracies]
                             for label, accuracies in learns["accuracy"].items()})
-print(f"{'layer':<16}{'top-8 energy: full':>19}{'r=64':>6}{'phi_A(1,1)':>12}"
+print(f"{'layer':<16}{'top-8 energy: full':>19}{'r=64':>8}{'phi_A(1,1)':>12}"
       f"{'amplification: full':>21}{'r=8':>6}{'r=64':>6}")
 summary = {}
 for name in lora_learns.layer_names(4):
@@ -605,7 +605,7 @@ for name in lora_learns.layer_names(4):
         ("amp_r8", lambda row: row["r8"]["amplification"]),
         ("amp_r64", lambda row: row["r64"]["amplification"]))}
     summary[name] = mean
-    print(f"{name:<16}{100 * mean['energy_full']:>18.1f}%{100 * mean['energy_r64']:>5.1f}%"
+    print(f"{name:<16}{100 * mean['energy_full']:>18.1f}%{100 * mean['energy_r64']:>7.1f}%"
           f"{mean['phi']:>12.3f}{mean['amp_full']:>21.2f}{mean['amp_r8']:>6.2f}"
           f"{mean['amp_r64']:>6.2f}")
 assert all(m["amp_r8"] > m["amp_r64"] and m["amp_full"] < 1 for m in summary.values())
@@ -637,13 +637,13 @@ plt.show()
 #   squared cosine between the two top directions, is 0.09 to 0.86 across layers (0.86 on
 #   `blocks.1.attn.q`), where two random directions give $1/64 = 0.016$; the grid is brightest
 #   for small $i$ and fades as $i$ grows. That is the paper's figure 3: the top singular
-#   directions of the two runs overlap far more than chance, the rest largely does not — the
-#   extra directions of $r = 64$ mostly hold what its random initialisation put there.
+#   directions of the two runs overlap far more than chance, the rest largely does not (the
+#   paper reads the extra directions of $r = 64$ as mostly noise).
 # * **(c) The update amplifies directions $W$ does not emphasise.** $\|U^\top W V\|_F$ for
 #   the update's top directions lies between the value for random directions and that for
-#   $W$'s own top directions (the live cell: 0.42 < 1.68 < 3.12 for $r = 8$ on
-#   `blocks.1.attn.q`), as in the paper's table 7. LoRA's updates are 2 to 8 times larger
-#   than what $W$ had in those directions, and the factor is larger for $r = 8$ than for
+#   $W$'s own top directions (the live cell: 0.42 < 1.50 < 3.12 for $r = 8$ on
+#   `blocks.1.attn.q`), as in the paper's table 7. After 300 steps LoRA's updates are 2 to 8
+#   times larger than what $W$ had in those directions, and the factor is larger for $r = 8$ than for
 #   $r = 64$ in every layer — the paper's direction (about 21 at $r = 4$ and 2 at $r = 64$
 #   for GPT-3's $W_q$), on a far smaller scale. Full fine-tuning, spread over every weight of
 #   the model with a tenfold smaller learning rate, changes each attention matrix by less

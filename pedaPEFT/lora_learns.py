@@ -45,7 +45,10 @@ LIVE_SCALE = experiments.Scale(steps=100, batch_size=32, n_train=512, seeds=(0,)
 
 
 def layer_names(n_layer: int) -> list[str]:
-    """``blocks.<l>.attn.<q|v>`` for every block: the layers both LoRA runs adapt."""
+    """``blocks.<l>.attn.<q|v>`` for every block: the layers both LoRA runs adapt.
+
+    Introduced in lesson 5, section "9. What LoRA learns".
+    """
     return [f"blocks.{layer}.attn.{name}" for layer in range(n_layer) for name in TARGETS]
 
 
