@@ -643,8 +643,8 @@ plt.show()
 #   the update's top directions lies between the value for random directions and that for
 #   $W$'s own top directions (the live cell: 0.42 < 1.50 < 3.12 for $r = 8$ on
 #   `blocks.1.attn.q`), as in the paper's table 7. After 300 steps LoRA's updates are 2 to 8
-#   times larger than what $W$ had in those directions, and the factor is larger for $r = 8$ than for
-#   $r = 64$ in every layer — the paper's direction (about 21 at $r = 4$ and 2 at $r = 64$
+#   times larger than what $W$ had in those directions, and the factor is larger for $r = 8$
+#   than for $r = 64$ in every layer — the paper's direction (about 21 at $r = 4$ and 2 at $r = 64$
 #   for GPT-3's $W_q$), on a far smaller scale. Full fine-tuning, spread over every weight of
 #   the model with a tenfold smaller learning rate, changes each attention matrix by less
 #   than $W$ already holds in those directions (factors 0.2 to 0.9).

@@ -317,10 +317,10 @@ print(f"mean error of the regular activations under per-token int8: {100 * float
 # **QLoRA avoids the problem altogether: it quantizes the weights only** — the line
 # "weight-only", with NF4 in place of int8. The frozen base weights are *stored* in 4 bits
 # (lessons 7 and 8); for every multiplication they are dequantized to the compute dtype,
-# bfloat16, and multiplied with bfloat16 activations. The activations, the gradients and the LoRA factors are never
-# quantized, so activation outliers pass through at full bfloat16 range (lesson 9's
-# `QuantLinear.forward` is exactly this: `x.to(compute_dtype)`, then the product with the
-# dequantized weight; the test suite checks it).
+# bfloat16, and multiplied with bfloat16 activations. The activations, the gradients and the
+# LoRA factors are never quantized, so activation outliers pass through at full bfloat16
+# range (lesson 9's `QuantLinear.forward` is exactly this: `x.to(compute_dtype)`, then the
+# product with the dequantized weight; the test suite checks it).
 
 # %% [markdown]
 # ## Summary
