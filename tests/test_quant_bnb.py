@@ -244,3 +244,5 @@ def test_linear4bit_used_once_for_inference_passes_no_gradient_to_its_input():
         layer(x)
     with pytest.warns(UserWarning, match="autograd kernel was not registered"):
         assert input_grad() is None
+    layer.state_dict()  # saving unpacks the weight again
+    assert input_grad() is not None
