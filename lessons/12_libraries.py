@@ -148,9 +148,9 @@ print(f"parameters: {n_dense:,}; Linear layers: {linear_names}")
 print("files:", sorted(p.name for p in checkpoint.iterdir()))
 
 # %% [markdown]
-# ## 2. Loading it in 4 bits: `BitsAndBytesConfig`
+# ## 2. Loading it in 4 bits
 #
-# The four settings are QLoRA's: NF4 codes (lesson 7), double quantization of the block
+# `BitsAndBytesConfig` holds QLoRA's four settings: NF4 codes (lesson 7), double quantization of the block
 # scales (lesson 8) and bf16 arithmetic. `from_pretrained` replaces every `nn.Linear` except
 # the output head by bitsandbytes' `Linear4bit` and quantizes its weight as it loads.
 
