@@ -14,9 +14,9 @@ as it was before the fused GEMM, for the memory comparison). A training step is 
 cross-entropy on float32 logits, backward and fused AdamW; the decode-like forward is a
 no-grad forward of T tokens. Eager timings are ``triton.testing.do_bench`` medians, which zero a
 256 MB buffer (flushing the L2 cache) before every repetition; compiled timings use
-``torch.compile`` (default mode, no CUDA graphs). Memory: "static" = what the method's model
-and optimizer state hold between steps; "peak above static" = the highest allocation during a
-step minus everything allocated before it.
+``torch.compile`` (default mode, no CUDA graphs, static shapes, one compilation per T).
+Memory: "static" = what the method's model and optimizer state hold between steps; "peak
+above static" = the highest allocation during a step minus everything allocated before it.
 
 The crossover section times, per weight shape and row count M, the fused dequant-GEMM kernel
 and dequantize + cuBLAS (forward ``x·Wᵀ`` and input gradient ``g·W``, LoRA term included), next
@@ -181,6 +181,90 @@ def crossover(device, copy_bw, gemm, smoke):
                 " GEMM TFLOP/s over the GEMM ceiling", f"{big['fused_flop_per_s'] / gemm:.3f} / "
                 f"{big['bf16_flop_per_s'] / gemm:.3f}")
             del best
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class _One(nn.Module):
+    """A model holding one linear layer named ``q``, for PEFT to wrap."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.q = layer
+
+    def forward(self, x):
+        return self.q(x)
+
+
+def layers(device, bnb, peft, rows_list, smoke):
+    """No-grad forward of one layer at small T: PEFT LoRA bf16, pedaPEFT LoRA bf16,
+    bitsandbytes + PEFT QLoRA and pedaPEFT QLoRA, eager (L2 flushed), then graph replay."""
+    shapes = [(256, 128)] if smoke else [(4096, 4096), (16384, 4096), (4096, 16384)]
+    r = 16
+    found = {}
+    for N, K in shapes:
+        torch.manual_seed(0)
+        dense = nn.Linear(K, N, device=device, dtype=torch.bfloat16)
+        made = {}
+        made["peft_lora"] = peft.get_peft_model(
+            _One(nn.Linear(K, N, device=device, dtype=torch.bfloat16)),
+            peft.LoraConfig(r=r, lora_alpha=r, target_modules=["q"]),
+            autocast_adapter_dtype=False).base_model.model.q
+        made["ours_lora"] = lora.LoRALinear(nn.Linear(K, N, device=device, dtype=torch.bfloat16),
+                                            r=r, alpha=r)
+        if bnb is not None:
+            l4 = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=torch.bfloat16,
+                                   compress_statistics=True, quant_type="nf4")
+            l4.weight = bnb.nn.Params4bit(dense.weight.detach().cpu(), requires_grad=False,
+                                          compress_statistics=True, quant_type="nf4",
+                                          blocksize=64)
+            l4.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
+            made["bnb_qlora"] = peft.get_peft_model(
+                _One(l4.to(device)), peft.LoraConfig(r=r, lora_alpha=r, target_modules=["q"]),
+                autocast_adapter_dtype=False).base_model.model.q
+        made["ours_qlora"] = qlora.QLoRALinear(
+            qlora.QuantLinear.from_linear(dense, compute_dtype=torch.bfloat16), r=r, alpha=r)
+        for layer in made.values():
+            layer.to(device)
+            for p in layer.parameters():
+                if p.dtype.is_floating_point and p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+        for T in rows_list:
+            x = torch.randn(1, T, K, device=device, dtype=torch.bfloat16)
+
+            def forward(layer=None, x=x):
+                with torch.no_grad():
+                    return layer(x)
+
+            times = {m: bench(lambda layer=layer: forward(layer)) for m, layer in made.items()}
+            found[(N, K, T)] = times
+            ref = times["peft_lora"]
+            row(f"layer {N}x{K} T={T}", "no-grad forward, eager: " + " / ".join(
+                f"{LABELS[m]} {t * 1e6:.1f} us" for m, t in times.items()), "")
+            ratio = times["ours_qlora"] / ref
+            row(f"layer {N}x{K} T={T}", "pedaPEFT QLoRA / PEFT LoRA bf16 layer forward, eager",
+                ratio, "<= 0.6", ratio <= 0.6)
+            if torch.cuda.is_available():
+                import triton.testing
+
+                replay = {}
+                for m in ("peft_lora", "ours_qlora"):
+                    try:
+                        replay[m] = triton.testing.do_bench_cudagraph(
+                            lambda layer=made[m]: forward(layer), rep=50,
+                            return_mode="median") * 1e-3
+                    except Exception:
+                        NOTES.append(f"graph capture of the {LABELS[m]} layer failed: "
+                                     + traceback.format_exc().splitlines()[-1])
+                if len(replay) == 2:
+                    row(f"layer {N}x{K} T={T}, graph replay (GPU time, L2 not flushed)",
+                        "pedaPEFT QLoRA / PEFT LoRA bf16 layer forward "
+                        f"({replay['ours_qlora'] * 1e6:.1f} / {replay['peft_lora'] * 1e6:.1f} us)",
+                        replay["ours_qlora"] / replay["peft_lora"])
+        del made, dense
+        empty_cache()
+    RESULTS["layers"] = {f"{N}x{K} T={T}": v for (N, K, T), v in found.items()}
 
 
 # --------------------------------------------------------------------------- models
@@ -388,11 +472,13 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
                     "pedaPEFT QLoRA / PEFT LoRA bf16", q / replay[("peft_lora", T)])
         RESULTS["decode_graph_replay"] = {f"{m} T={T}": v for (m, T), v in replay.items()}
     compiled = {}
-    for m in [m for m in ("ours_qlora", "ours_lora") if m in runs]:
-        runs[m].compiled = torch.compile(runs[m].model)
     for T in compile_T:
         idx = torch.randint(0, config.vocab_size, (1, T), device=device)
         for m in [m for m in ("ours_qlora", "ours_lora") if m in runs]:
+            # one static-shape compilation per sequence length, as a training run at a fixed
+            # length uses (a second length would otherwise recompile with dynamic shapes)
+            torch._dynamo.reset()
+            runs[m].compiled = torch.compile(runs[m].model, dynamic=False)
             if time.perf_counter() > DEADLINE[0]:
                 NOTES.append(f"compile of {LABELS[m]} at T={T} skipped: the run's time budget "
                              "was spent")
@@ -436,7 +522,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/qlora_model_gpu.md")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--only", default="crossover,models")
+    parser.add_argument("--only", default="crossover,layers,models")
     parser.add_argument("--train-T", default="512,2048,8192")
     parser.add_argument("--decode-T", default="1,16,64")
     parser.add_argument("--compile-T", default="512,2048")
@@ -469,6 +555,7 @@ def main(argv=None):
     copy_bw, gemm = ceilings(device, smoke)
     sections = {
         "crossover": lambda: crossover(device, copy_bw, gemm, smoke),
+        "layers": lambda: layers(device, bnb, peft, ints(args.decode_T), smoke),
         "models": lambda: models(device, model_config(smoke, args.layers), bnb, peft,
                                  [t for t in ints(args.train_T) if t <= 64] or [32] if smoke
                                  else ints(args.train_T), ints(args.decode_T), ints(args.compile_T)

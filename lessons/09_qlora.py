@@ -334,15 +334,18 @@ print(f"the paper's 65B example, '>780 GB' -> '<48 GB': at least {780 / 48:.2f} 
 # 2048 × 128,256 logits (`benchmarks/qlora_gpu.md`).
 #
 # Speed, measured on the same H200 (`benchmarks/qlora_model_gpu.md`). Eager figures include
-# Python and kernel launches; graph-replay figures are the GPU's time alone. A training step of
-# a 4-layer LLaMA-8B-width slice, eager, takes 1.38 × as long with QLoRA as with PEFT's bf16
-# LoRA at 2048 tokens and 1.34 × at 512, but 0.99 × at 8192: below that the step is bound by
-# the host issuing kernels, and each QLoRA layer issues one more (its dequantization) in each
-# pass. It trains 1.26–1.34 × as many tokens per second as bitsandbytes + PEFT. Replayed from a
-# CUDA graph, one layer's forward and backward costs 1.03 × a bf16 LoRA layer at 4096 tokens
-# (`benchmarks/qlora_gpu.md`). Reading a quarter of the bytes does not yet make generation
-# faster: the dense weight is still written and read back, and a decode forward costs
-# 1.4–1.5 × bf16's GPU time.
+# Python and kernel launches; graph-replay figures are the GPU's time alone, and the two are
+# never mixed in one ratio. A training step of a 4-layer LLaMA-8B-width slice, eager, takes
+# 1.05 × as long with QLoRA as with PEFT's bf16 LoRA at 512 tokens and 1.13 × at 2048 (1.02 × in
+# an earlier run on another machine), and 0.98 × at 8192. Below 8192 tokens the step is bound
+# by the host issuing kernels, so what counts there is the Python and the launches per layer:
+# one autograd node for base and LoRA, one dequantization launch per pass, scaled products in
+# one `addmm`. It trains 1.52 × as many tokens per second as bitsandbytes + PEFT at 512 tokens
+# and 1.24 × at 2048. Reading a quarter of the bytes does not yet make generation faster: a
+# one-token forward runs a fused kernel that decodes the 4-bit weight inside the product
+# (26–76 µs per LLaMA-8B-width layer against 19–47 µs for cuBLAS's bf16 product), bound by
+# the per-weight decode rather than by memory, and from 16 tokens on the weight is
+# dequantized and multiplied by cuBLAS: a decode forward costs 1.2–1.4 × bf16's GPU time.
 #
 # ## 8. Merging for inference
 #

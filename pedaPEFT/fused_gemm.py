@@ -15,16 +15,16 @@ Two ways to compute ``x · Wᵀ`` and ``g · W`` (kept both, chosen by the numbe
   dimension; at every step it loads a tile of packed bytes (half a byte per weight), rebuilds the
   block scales (``nested_code[q] · nested_absmax + offset``, product then sum, no FMA) and the
   weights in float32, rounds them to bf16 once (so the tile is bit-identical to the
-  dequantized weight) and feeds the tensor cores, accumulating in float32. The LoRA term
-  ``s · (x·Aᵀ) · Bᵀ`` (or ``u · A``) and the bias are added to the same fp32 accumulator before
-  the one rounding of the output. The dense weight never exists in memory: 0.52 bytes per weight
-  are read instead of 2, which is what small M (decoding, small batches) is bound by. As
-  written it does not get there (measured below: it is bound by per-element tile work).
+  dequantized weight) and feeds the tensor cores (up to ``ROWS_KERNEL_MAX`` rows: float32
+  multiply-adds), accumulating in float32. The LoRA term ``s · (x·Aᵀ) · Bᵀ`` (or ``u · A``)
+  and the bias join the same accumulator before the one rounding of the output. The dense
+  weight never exists in memory: 0.52 bytes per weight are read instead of 2, what small M is
+  bound by; as written the kernels are bound by the per-weight decode instead (``FUSED_MAX_ROWS``).
 * **dequantize + cuBLAS**: one pass writes the dense bf16 weight, then cuBLAS multiplies. The
   fused kernel redoes the dequantization arithmetic once per row tile of the output, on the
   same cores that must also issue the matrix instructions, so past some M the separate pass
   (paid once) is cheaper. ``FUSED_MAX_ROWS`` holds that crossover, measured on an H200 by
-  ``benchmarks/qlora_model_gpu.py`` (section "crossover" of ``benchmarks/qlora_model_gpu.md``).
+  ``benchmarks/qlora_model_gpu.py``.
 
 Both paths take the same arguments through :func:`matmul_4bit`, registered as the operator
 ``torch.ops.pedapeft.matmul_4bit`` so that ``torch.compile`` keeps one opaque node. Without
@@ -45,15 +45,17 @@ try:  # CUDA builds of PyTorch ship Triton; a CPU-only install runs the dequanti
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
-FUSED_MAX_ROWS = {"forward": 0, "input_grad": 0}
+FUSED_MAX_ROWS = {"forward": 1, "input_grad": 0}
 """Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring).
 
-Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30): this kernel is slower
-than dequantize + cuBLAS at every M from 1 to 2048 and for every LLaMA-8B-width shape (at
-M = 1, W 4096 x 4096: 269 us against 77 us; it moves 0.03 TB/s, under 1 % of the copy
-bandwidth), so the crossover is M = 0 and the dispatch never picks it. It is kept, tested
-against the CPU reference, for the day it is made fast: raise these limits to route small M
-through it."""
+Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30, launches included): for one
+row the matrix-vector kernel takes 26 to 76 us against 56 to 191 us for dequantize + cuBLAS on
+the LLaMA-8B-width shapes; from 16 rows on, and for the input gradient at every M, dequantize +
+cuBLAS is faster (the tensor-core kernels decode each weight tile again for every row tile of
+the output, and reach about 4 % of the GEMM ceiling)."""
+
+ROWS_KERNEL_MAX = 4
+"""Forward calls with at most this many rows use the matrix-vector kernel (no tensor cores)."""
 
 ENABLED = True
 """``False`` sends ``QLoRALinear`` back to its unfused path (base Function + LoRA branch)."""
@@ -66,48 +68,84 @@ def _next_power_of_2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                         offset_ptr, rows, n_rows, k0, K, COLS: tl.constexpr,
-                         BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
-                         DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr):
-        """Weights W[rows, k0 : k0 + COLS] as float32, shape (len(rows), COLS); finite values
-        (later multiplied by zeros) where the tile leaves the weight.
-
-        Element (n, k) is flat index i = n·K + k: byte i // 2, high nibble when i is even (K
-        even, so the parity of i is the parity of k). ALIGNED (K a multiple of the blocksize,
-        COLS dividing it): the tile's columns lie in one quantization block per row, so one
-        scale per row is rebuilt and broadcast; otherwise one scale per element.
-        """
-        cols = k0 + tl.arange(0, COLS)
-        inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
-        index = rows[:, None] * K + cols[None, :]                               # (ROWS, COLS)
-        byte = tl.load(packed_ptr + (index >> 1), mask=inside, other=0).to(tl.int32)
-        nibble = (byte >> ((1 - (cols[None, :] & 1)) * 4)) & 15
-        value = tl.load(code_ptr + nibble)
-        if ALIGNED:
-            block = (rows * K + k0) // BLOCKSIZE                                # (ROWS,)
-            block_ok = rows < n_rows
-        else:
-            block = index // BLOCKSIZE                                          # (ROWS, COLS)
-            block_ok = inside
+    def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, ok,
+                      DQ_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+        """absmax_f32[block] (any shape), rebuilt from the nested code when DOUBLE_QUANT."""
         if DOUBLE_QUANT:
-            q = tl.load(absmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
-            outer = tl.load(nested_absmax_ptr + block // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
+            q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+            outer = tl.load(nested_absmax_ptr + block // DQ_BLOCKSIZE, mask=ok, other=0.0)
             scale = tl.load(nested_code_ptr + q) * outer + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
-        if ALIGNED:
-            values = value * scale[:, None]
-        else:
-            values = value * scale
-        return values
+            scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+        return scale
 
-    def _configs():
-        """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Up to 64 input rows: a 16..64-row tile
-        and narrow weight tiles, so that even one row spreads over every multiprocessor (the
-        input-gradient kernel's programs own BLOCK_K output columns); above: square tiles."""
-        small = [(32, 64, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4), (128, 32, 4, 4)]
-        large = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)]
+    @triton.jit
+    def _weight_halves(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                       offset_ptr, rows, n_rows, k0, K, ROWS: tl.constexpr, HALF: tl.constexpr,
+                       BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                       DOUBLE_QUANT: tl.constexpr):
+        """(W[rows, k0 + 2j], W[rows, k0 + 2j + 1]) for j < HALF, float32, each (ROWS, HALF).
+
+        Byte k0/2 + j of a row holds both weights: its high nibble is the even column, its low
+        nibble the odd one. So the tile is read as whole bytes, contiguous along each row (one
+        load per byte, coalesced), and split in registers; the caller multiplies the two halves
+        with the even and odd columns of the other operand. Needs K % BLOCKSIZE == 0 (rows
+        start on a block) and k0 a multiple of 2·HALF: then the HALF bytes of a row span one
+        quantization block (2·HALF <= BLOCKSIZE) or whole blocks, so one scale is rebuilt per
+        block and broadcast. Finite values (multiplied by zeros later) outside the weight.
+        """
+        PER_BLOCK: tl.constexpr = BLOCKSIZE // 2  # bytes of one quantization block
+        byte_cols = k0 // 2 + tl.arange(0, HALF)
+        row_ok = rows < n_rows
+        inside = row_ok[:, None] & (byte_cols[None, :] < K // 2)
+        byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + byte_cols[None, :], mask=inside,
+                       other=0).to(tl.int32)                                    # (ROWS, HALF)
+        high = tl.load(code_ptr + (byte >> 4))
+        low = tl.load(code_ptr + (byte & 15))
+        first = (rows * K + k0) // BLOCKSIZE                                    # (ROWS,)
+        if HALF <= PER_BLOCK:
+            scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                  first, row_ok, DQ_BLOCKSIZE, DOUBLE_QUANT)
+            high = high * scale[:, None]
+            low = low * scale[:, None]
+        else:
+            NB: tl.constexpr = HALF // PER_BLOCK
+            nb = tl.arange(0, NB)
+            ok = row_ok[:, None] & (k0 + nb[None, :] * BLOCKSIZE < K)
+            scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                  first[:, None] + nb[None, :], ok, DQ_BLOCKSIZE,
+                                  DOUBLE_QUANT)                                 # (ROWS, NB)
+            high = tl.reshape(tl.reshape(high, (ROWS, NB, PER_BLOCK)) * scale[:, :, None],
+                              (ROWS, HALF))
+            low = tl.reshape(tl.reshape(low, (ROWS, NB, PER_BLOCK)) * scale[:, :, None],
+                             (ROWS, HALF))
+        return high, low
+
+    @triton.jit
+    def _even_odd_columns(ptr, rows, n_rows, k0, K, HALF: tl.constexpr):
+        """Columns k0 + 2j and k0 + 2j + 1 (j < HALF) of the row-major (n_rows, K) matrix at
+        ``ptr``, for the given rows: the operand that meets the high and low nibbles of W's
+        bytes. Zeros outside the matrix (K is even)."""
+        even = k0 + 2 * tl.arange(0, HALF)
+        mask = (rows[:, None] < n_rows) & (even[None, :] < K)
+        at = ptr + rows[:, None] * K + even[None, :]
+        return tl.load(at, mask=mask, other=0.0), tl.load(at + 1, mask=mask, other=0.0)
+
+    def _configs(direction):
+        """Launch configurations (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages) per direction.
+
+        Up to 64 rows (decoding, small batches) the kernel is a matrix-vector product bound by
+        reading the packed weight: few rows per tile, long stretches of each weight row
+        (BLOCK_K) and several stages in flight, with enough programs to cover every
+        multiprocessor (N / BLOCK_N for the forward, K / BLOCK_K for the input gradient).
+        Above 64 rows, square tensor-core tiles."""
+        if direction == "forward":
+            small = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3),
+                     (16, 512, 4, 3)]
+        else:
+            small = [(64, 32, 4, 4), (128, 32, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3),
+                     (32, 64, 4, 4)]
+        large = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 128, 8, 3)]
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
                                  num_warps=w, num_stages=st)
                    for m in (16, 32, 64) for n, k, w, st in small]
@@ -126,13 +164,68 @@ if triton is not None:
             kept = [c for c in configs if c.kwargs["BLOCK_M"] == 128]
         return kept or configs[:1]
 
-    def _aligned(args):
-        return args["K"] % args["BLOCKSIZE"] == 0 and args["BLOCK_K"] <= args["BLOCKSIZE"]
+    def _prune_rows(configs, named_args, **kwargs):
+        """Keep the configs whose (rows x weight rows x half tile) product fits in registers."""
+        rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+        return [c for c in configs
+                if rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // 2 <= 8192] or configs[:1]
 
-    @triton.autotune(configs=_configs(),
+    @triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                                            num_stages=st)
+                              for n, k, w, st in ((4, 1024, 4, 3), (8, 512, 4, 3),
+                                                  (16, 256, 4, 3), (8, 1024, 4, 2),
+                                                  (32, 256, 4, 3), (64, 256, 8, 3))],
+                     key=["N", "K", "HAS_LORA", "BLOCK_M"],
+                     prune_configs_by={"early_config_prune": _prune_rows})
+    @triton.jit(do_not_specialize=["M", "rank"])
+    def _forward_rows_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                             nested_code_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr,
+                             y_ptr, M, N, K, rank, scaling,
+                             BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                             DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             HAS_LORA: tl.constexpr, RANK_TILE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        """The forward for M <= BLOCK_M <= 4 rows (decoding) without tensor cores.
+
+        A matrix-vector product: each program owns BLOCK_N weight rows and walks K in long
+        stretches; every weight is rounded to the input's dtype (as the dense path does), then
+        multiplied and summed in float32. A tensor-core tile would be at least 16 rows of
+        which M are used, and it needs the weight tile moved into the operand layout; here
+        the tile stays where it was loaded."""
+        HALF: tl.constexpr = BLOCK_K // 2
+        rows_m = tl.arange(0, BLOCK_M)
+        rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # grid (1, N / BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x_even, x_odd = _even_odd_columns(x_ptr, rows_m, M, k0, K, HALF)
+            dtype = x_even.dtype
+            x_even = x_even.to(tl.float32)
+            x_odd = x_odd.to(tl.float32)
+            w_even, w_odd = _weight_halves(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                           nested_code_ptr, offset_ptr, rows_n, N, k0, K,
+                                           BLOCK_N, HALF, BLOCKSIZE, DQ_BLOCKSIZE,
+                                           DOUBLE_QUANT)                      # (BLOCK_N, HALF)
+            w_even = w_even.to(dtype).to(tl.float32)
+            w_odd = w_odd.to(dtype).to(tl.float32)
+            acc += tl.sum(w_even[None, :, :] * x_even[:, None, :]
+                          + w_odd[None, :, :] * x_odd[:, None, :], axis=2)
+        if HAS_LORA:
+            r = tl.arange(0, RANK_TILE)
+            u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
+                        mask=(rows_m[:, None] < M) & (r[None, :] < rank), other=0.0)
+            b = tl.load(lora_b_ptr + rows_n[:, None] * rank + r[None, :],
+                        mask=(rows_n[:, None] < N) & (r[None, :] < rank), other=0.0)
+            acc += scaling * tl.sum(u.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :],
+                                    axis=2)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+
+    @triton.autotune(configs=_configs("forward"),
                      key=["m_bucket", "N", "K", "HAS_LORA"],
                      prune_configs_by={"early_config_prune": _prune})
-    @triton.heuristics({"ALIGNED": _aligned})
     @triton.jit(do_not_specialize=["M", "rank", "m_bucket"])
     def _forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
                         nested_code_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr,
@@ -140,9 +233,13 @@ if triton is not None:
                         BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
                         DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_LORA: tl.constexpr, RANK_TILE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        ALIGNED: tl.constexpr):
-        """y (M, N) = x (M, K) · Wᵀ + bias + scaling · lora_in (M, rank) · Bᵀ (rank, N)."""
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y (M, N) = x (M, K) · Wᵀ + bias + scaling · lora_in (M, rank) · Bᵀ (rank, N).
+
+        Each step of the K loop: x's tile (BLOCK_M, BLOCK_K) loaded whole and split into its
+        even and odd columns, W's tile as two (BLOCK_N, BLOCK_K/2) halves, two tensor-core
+        products."""
+        HALF: tl.constexpr = BLOCK_K // 2
         rows_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -150,11 +247,13 @@ if triton is not None:
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rows_m[:, None] * K + cols[None, :],
                         mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
-            w = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                 nested_code_ptr, offset_ptr, rows_n, N, k0, K, BLOCK_K,
-                                 BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT,
-                                 ALIGNED)                                     # (BLOCK_N, BLOCK_K)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
+            w_even, w_odd = _weight_halves(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                           nested_code_ptr, offset_ptr, rows_n, N, k0, K,
+                                           BLOCK_N, HALF, BLOCKSIZE, DQ_BLOCKSIZE,
+                                           DOUBLE_QUANT)                      # (BLOCK_N, HALF)
+            acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc)
+            acc = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc)
         if HAS_LORA:
             r = tl.arange(0, RANK_TILE)
             u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
@@ -167,10 +266,9 @@ if triton is not None:
         tl.store(y_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
 
-    @triton.autotune(configs=_configs(),
+    @triton.autotune(configs=_configs("input_grad"),
                      key=["m_bucket", "N", "K", "HAS_LORA"],
                      prune_configs_by={"early_config_prune": _prune})
-    @triton.heuristics({"ALIGNED": _aligned})
     @triton.jit(do_not_specialize=["M", "rank", "m_bucket"])
     def _input_grad_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
                            nested_code_ptr, offset_ptr, lora_in_ptr, lora_a_ptr, out_ptr,
@@ -178,41 +276,51 @@ if triton is not None:
                            BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
                            DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr,
                            RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
-        """out (M, K) = g (M, N) · W (N, K) + scaling · lora_in (M, rank) · A (rank, K)."""
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out (M, K) = g (M, N) · W (N, K) + scaling · lora_in (M, rank) · A (rank, K).
+
+        The even and odd output columns are accumulated apart (one per nibble of W's bytes)
+        and interleaved once, at the store."""
+        HALF: tl.constexpr = BLOCK_K // 2
         rows_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         k0 = tl.program_id(1) * BLOCK_K
         cols = k0 + tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        acc_even = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc_odd = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rows_n = n0 + tl.arange(0, BLOCK_N)
             g = tl.load(g_ptr + rows_m[:, None] * N + rows_n[None, :],
                         mask=(rows_m[:, None] < M) & (rows_n[None, :] < N), other=0.0)
-            w = _dequantize_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                                 nested_code_ptr, offset_ptr, rows_n, N, k0, K, BLOCK_K,
-                                 BLOCKSIZE, DQ_BLOCKSIZE, DOUBLE_QUANT,
-                                 ALIGNED)                                     # (BLOCK_N, BLOCK_K)
-            acc = tl.dot(g, w.to(g.dtype), acc)
+            w_even, w_odd = _weight_halves(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
+                                           nested_code_ptr, offset_ptr, rows_n, N, k0, K,
+                                           BLOCK_N, HALF, BLOCKSIZE, DQ_BLOCKSIZE,
+                                           DOUBLE_QUANT)                      # (BLOCK_N, HALF)
+            acc_even = tl.dot(g, w_even.to(g.dtype), acc_even)
+            acc_odd = tl.dot(g, w_odd.to(g.dtype), acc_odd)
         if HAS_LORA:
             r = tl.arange(0, RANK_TILE)
             u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
                         mask=(rows_m[:, None] < M) & (r[None, :] < rank), other=0.0)
             a = tl.load(lora_a_ptr + r[:, None] * K + cols[None, :],
                         mask=(r[:, None] < rank) & (cols[None, :] < K), other=0.0)
-            acc += scaling * tl.dot(u, a)
-        tl.store(out_ptr + rows_m[:, None] * K + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+            a_even, a_odd = tl.split(tl.reshape(a, (RANK_TILE, HALF, 2)))
+            acc_even += scaling * tl.dot(u, a_even)
+            acc_odd += scaling * tl.dot(u, a_odd)
+        out = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_M, BLOCK_K))
+        tl.store(out_ptr + rows_m[:, None] * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(rows_m[:, None] < M) & (cols[None, :] < K))
 
 
 def fused_supported(a: torch.Tensor, out_features: int, in_features: int, blocksize: int) -> bool:
-    """Whether the fused kernel can run: CUDA + Triton, bf16/fp16 input, even K (whole bytes
-    per row), a power-of-two blocksize >= 8, and every index within 32 bits."""
+    """Whether the fused kernel can run: CUDA + Triton, bf16/fp16 input, a power-of-two
+    blocksize >= 8 that divides K (every row starts on a quantization block, so a row's bytes
+    are whole), and every index within 32 bits."""
     return (
         triton is not None
         and a.is_cuda
         and a.dtype in (torch.bfloat16, torch.float16)
-        and in_features % 2 == 0
         and kernels.triton_supports(blocksize)
+        and in_features % blocksize == 0
         and out_features * in_features < 2**31
         and a.numel() // a.shape[-1] * max(out_features, in_features) < 2**31
     )
@@ -220,7 +328,8 @@ def fused_supported(a: torch.Tensor, out_features: int, in_features: int, blocks
 
 def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, transposed, bias,
             lora_in, lora_weight, scaling):
-    """The fused kernel: a·Wᵀ (+ bias) (+ s·lora_in·Bᵀ), or a·W (+ s·lora_in·A) if transposed."""
+    """The fused kernel: a·Wᵀ (+ bias) (+ s·lora_in·Bᵀ), or a·W (+ s·lora_in·A) if transposed
+    (the matrix-vector kernel for a forward of at most ``ROWS_KERNEL_MAX`` rows)."""
     packed, absmax, code, nested_absmax, nested_code, offset = stored
     M = a.shape[0]
     N, K = out_features, in_features
@@ -238,23 +347,27 @@ def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, trans
         kernel, tiles = _input_grad_kernel, (M, K, "BLOCK_K")
         args = (a, *tensors, *lora_args, out, M, N, K, rank, float(scaling), m_bucket)
     else:
-        kernel, tiles = _forward_kernel, (M, N, "BLOCK_N")
         common["HAS_BIAS"] = bias is not None
         args = (a, *tensors, bias if bias is not None else a, *lora_args, out, M, N, K, rank,
-                float(scaling), m_bucket)
+                float(scaling))
+        if M <= ROWS_KERNEL_MAX:
+            kernel, tiles = _forward_rows_kernel, (1, N, "BLOCK_N")
+            common["BLOCK_M"] = m_bucket
+        else:
+            kernel, tiles = _forward_kernel, (M, N, "BLOCK_N")
+            args += (m_bucket,)
 
     def grid(meta):
-        return (triton.cdiv(tiles[0], meta["BLOCK_M"]), triton.cdiv(tiles[1], meta[tiles[2]]))
+        return (triton.cdiv(tiles[0], meta.get("BLOCK_M", tiles[0])),
+                triton.cdiv(tiles[1], meta[tiles[2]]))
 
-    key = (transposed, m_bucket, N, K, a.dtype, a.device, tuple(sorted(common.items())))
+    key = (kernel, m_bucket, N, K, a.dtype, a.device, tuple(sorted(common.items())))
     tuned = _TUNED.get(key)
     if tuned is None:  # first use: the autotuner times its configs and launches the best one
         kernel[grid](*args, enable_fp_fusion=False, **common)
-        best = kernel.best_config
-        aligned = K % blocksize == 0 and best.kwargs["BLOCK_K"] <= blocksize
-        _TUNED[key] = {**best.all_kwargs(), "ALIGNED": aligned}
-    else:  # later calls skip the autotuner's and heuristics' Python (tens of us per launch)
-        kernel.fn.fn[grid](*args, enable_fp_fusion=False, **common, **tuned)
+        _TUNED[key] = kernel.best_config.all_kwargs()
+    else:  # later calls skip the autotuner's Python (tens of us per launch)
+        kernel.fn[grid](*args, enable_fp_fusion=False, **common, **tuned)
     return out
 
 
@@ -335,7 +448,7 @@ class QLoRAFunction(torch.autograd.Function):
         """``y = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ`` with ``W`` read from its packed 4-bit storage."""
         N, K = fmt.out_features, fmt.in_features
         x2 = x.reshape(-1, K).contiguous()                                  # (M, K)
-        lora_in = x2 @ lora_A.t()                                           # (M, r)
+        lora_in = F.linear(x2, lora_A)                                      # (M, r)
         y = _matmul(x2, *stored, N, K, fmt.blocksize, fmt.dq_blocksize, False, bias, lora_in,
                     lora_B, scaling)                                        # (M, N)
         ctx.save_for_backward(x2, lora_in, lora_A, lora_B, *stored)
@@ -348,9 +461,12 @@ class QLoRAFunction(torch.autograd.Function):
         x2, lora_in, lora_A, lora_B, *stored = ctx.saved_tensors
         fmt, s = ctx.fmt, ctx.scaling
         g = grad_y.reshape(-1, fmt.out_features).contiguous()               # (M, N)
-        u = (g @ lora_B).mul_(s)                                            # (M, r)
+        # addmm with beta = 0 ignores its first argument: a scaled product in one kernel
+        ignored = g.new_empty(())
+        u = torch.addmm(ignored, g, lora_B, beta=0, alpha=s)                # (M, r)
         grad_A = u.t() @ x2 if ctx.needs_input_grad[1] else None            # (r, K)
-        grad_B = (g.t() @ lora_in).mul_(s) if ctx.needs_input_grad[2] else None  # (N, r)
+        grad_B = (torch.addmm(ignored, g.t(), lora_in, beta=0, alpha=s)
+                  if ctx.needs_input_grad[2] else None)                     # (N, r)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _matmul(g, *stored, fmt.out_features, fmt.in_features, fmt.blocksize,
@@ -369,7 +485,15 @@ def applies(layer, x: torch.Tensor) -> bool:
 
 
 def qlora_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """``QLoRALinear``'s function through :class:`QLoRAFunction` (one autograd node)."""
+    """``QLoRALinear``'s function through :class:`QLoRAFunction` (one autograd node); with
+    nothing to differentiate (inference, ``torch.no_grad``), the same math without the node."""
     base = layer.base_layer
-    return QLoRAFunction.apply(x, layer.lora_A, layer.lora_B, base.bias, layer.scaling,
-                               base.fmt, *base.stored_tensors())
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return QLoRAFunction.apply(x, layer.lora_A, layer.lora_B, base.bias, layer.scaling,
+                                   base.fmt, *base.stored_tensors())
+    fmt = base.fmt
+    x2 = x.reshape(-1, fmt.in_features).contiguous()                        # (M, K)
+    y = matmul_4bit_eager(x2, *base.stored_tensors(), fmt.out_features, fmt.in_features,
+                          fmt.blocksize, fmt.dq_blocksize, False, base.bias,
+                          F.linear(x2, layer.lora_A), layer.lora_B, layer.scaling)  # (M, N)
+    return y.view(*x.shape[:-1], fmt.out_features)

@@ -28,11 +28,13 @@ def _quantized(n_out, n_in, quant_type, double_quant, blocksize, seed):
     return tuple(None if t is None else t.to(CUDA) for t in stored), dense
 
 
-# (M, N, K, blocksize): M from one row to several row tiles; K ragged against every tile
-# width (200, 130, 4160), rows that cross quantization blocks (K % blocksize != 0), N not a
-# multiple of any tile.
-SHAPES = [(1, 256, 512, 64), (7, 96, 200, 64), (33, 1000, 130, 64), (64, 512, 4160, 64),
-          (100, 200, 320, 32), (300, 384, 256, 128)]
+# (M, N, K, blocksize): M from one row (the matrix-vector kernel, up to 4 rows) to several
+# row tiles; K ragged against every tile width (4160, 2112, 320, 640), N not a multiple of any
+# tile; and rows that cross quantization blocks (K % blocksize != 0: 200, 130), which the
+# fused kernel leaves to the dequantize path.
+SHAPES = [(1, 256, 512, 64), (2, 200, 4160, 64), (3, 130, 640, 64), (4, 1000, 2112, 32),
+          (7, 96, 200, 64), (33, 1000, 130, 64), (64, 512, 4160, 64), (100, 200, 320, 32),
+          (300, 384, 256, 128)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -179,3 +181,21 @@ def test_compiled_qlora_model_matches_eager_without_graph_breaks():
     got = torch.autograd.grad(compiled(idx).float().square().mean(), params)
     for a, b in zip(got, eager, strict=True):
         assert _relative_error(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_the_no_grad_forward_equals_the_autograd_forward(T, monkeypatch):
+    """Inference skips the autograd node (and, for few rows, takes the matrix-vector kernel);
+    its output must be the training forward's within bf16 rounding."""
+    monkeypatch.setattr(fused_gemm, "FUSED_MAX_ROWS", {"forward": 4, "input_grad": 0})
+    torch.manual_seed(T)
+    layer = qlora.QLoRALinear.from_linear(nn.Linear(512, 768, device=CUDA), r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    x = torch.randn(1, T, 512, device=CUDA, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = layer(x)
+    monkeypatch.setattr(fused_gemm, "FUSED_MAX_ROWS", {"forward": 0, "input_grad": 0})
+    slow = layer(x.requires_grad_(True)).detach()
+    assert fast.shape == slow.shape
+    assert _relative_error(fast.cpu(), slow.cpu()) < 1e-2
