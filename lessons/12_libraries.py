@@ -150,9 +150,10 @@ print("files:", sorted(p.name for p in checkpoint.iterdir()))
 # %% [markdown]
 # ## 2. Loading it in 4 bits
 #
-# `BitsAndBytesConfig` holds QLoRA's four settings: NF4 codes (lesson 7), double quantization of the block
-# scales (lesson 8) and bf16 arithmetic. `from_pretrained` replaces every `nn.Linear` except
-# the output head by bitsandbytes' `Linear4bit` and quantizes its weight as it loads.
+# `BitsAndBytesConfig` holds QLoRA's four settings: NF4 codes (lesson 7), double quantization
+# of the block scales (lesson 8) and bf16 arithmetic. `from_pretrained` replaces every
+# `nn.Linear` except the output head by bitsandbytes' `Linear4bit` and quantizes its weight
+# as it loads.
 
 # %%
 bnb_config = transformers.BitsAndBytesConfig(
@@ -477,20 +478,22 @@ assert all(row["same_bytes"] for row in grid)
 # * **The bytes always agree.** Quantization on the CPU is the definition; the stored file
 #   is right, and the same file dequantized on a GPU (or by pedaPEFT) gives the right weights.
 # * **Dequantization on the CPU is wrong** where the row width is a multiple of 16 but not of
-#   the block size: rows narrower than a block (16, 32 or 48 wide with blocks of 64), rows of
+#   the block size: rows narrower than a block (16 or 48 wide with blocks of 64), rows of
 #   96 or 176, and even 64-wide rows with blocks of 128. The error is two to four and a half
 #   times NF4's own. Widths that are not multiples of 16 (100) take a slower loop that is right,
 #   and widths that are multiples of the block size are right.
-# * **bitsandbytes on CUDA computes the flat blocks**, and pedaPEFT matches it bit for bit
-#   (`tests/test_quant_bnb_gpu.py`). On a processor without AVX-512 the CPU backend takes the
-#   right loop everywhere, and this table shows no difference.
+# * **bitsandbytes on CUDA computes the flat blocks**, as pedaPEFT does; the GPU tests
+#   compare the two bit for bit on these shapes (`tests/test_quant_bnb_gpu.py`). On a
+#   processor without AVX-512 the CPU backend takes the right loop everywhere, and this table
+#   shows no difference.
 #
 # Real models are mostly safe: LLaMA's widths (4096, 11008, 14336) are multiples of 64, and
 # `BitsAndBytesConfig` uses blocks of 64. The small models of tutorials and tests are not:
 # a LLaMA configuration with `intermediate_size=176` would train, on the CPU, against a
-# `down_proj` four times noisier than NF4 — silently. The course's own tests therefore compare
-# pedaPEFT with bitsandbytes' CPU dequantization only where the measured scale map is the flat
-# one, and check elsewhere that bitsandbytes reads the row-wise scale described above.
+# `down_proj` about three times noisier than NF4 (the row (32, 176), block 64) — silently.
+# The course's own tests therefore compare pedaPEFT with bitsandbytes' CPU dequantization only
+# where the measured scale map is the flat one, and check elsewhere that bitsandbytes reads
+# the row-wise scale described above.
 #
 # ### A layer used once for inference trains wrong
 #
