@@ -271,6 +271,21 @@ assert measured.as_dict() == predicted.as_dict()
 # Exact to the byte. The activation memory is checked the same way in the tests
 # (`memory.gpt_activation_bytes` against what autograd really saves).
 #
+# ### The course's memory conventions
+#
+# Papers, slides and tools count these bytes in different ways (with or without a float32
+# master copy, in GB or in GiB), and a comparison is only fair with one count. The course
+# fixes its conventions once, in `memory.CONVENTIONS`, and every lesson and the README's
+# errata use them. Full fine-tuning means the mixed-precision count above, 16 bytes per
+# parameter; the QLoRA paper's 12 bytes (no master copy) and the lecture's 8-bit Adam are
+# named variants; LoRA and QLoRA adapters are bf16 with float32 Adam moments, as in the QLoRA
+# recipe. Sizes are in GB ($10^9$ bytes); GiB ($2^{30}$) appears only where a GPU card's
+# marketed size demands it.
+
+# %%
+print(memory.conventions_table())
+
+# %% [markdown]
 # ## 5. The lecture's LLaMA-3-8B arithmetic, recomputed
 #
 # The lecture's slide "Naively Fine-Tuning LLaMA3-8B takes 128GB of RAM!" says:
@@ -288,55 +303,57 @@ assert measured.as_dict() == predicted.as_dict()
 n_llama = memory.llama_parameter_count(**memory.LLAMA3_8B)
 print(f"Llama-3-8B parameters: {n_llama:,}")
 load_fp32 = memory.finetune_memory(n_llama, precision="fp32").weights
-print(f"fp32 weights: {load_fp32 / memory.GB:.1f} GB = {load_fp32 / memory.GiB:.1f} GiB")
+print(f"fp32 weights: {load_fp32 / memory.GB:.1f} GB")
 
 # %% [markdown]
-# Claim 1 holds: 32.1 GB (decimal gigabytes; 29.9 GiB) — "8 billion" is 8.03 billion.
+# Claim 1 holds: 32.1 GB — "8 billion" is 8.03 billion.
 #
 # Claim 2: the breakdown 2 + 2 + 12 is the mixed-precision accounting with **regular 32-bit**
 # Adam (float32 master copy 4 + $m$ 4 + $v$ 4 = 12). 8-bit Adam keeps its two moments in 2.03
 # bytes, so with the 8-bit optimizer the slide names the total is 10.03 bytes per parameter.
 
 # %%
-for optimizer in ("adamw", "adamw8bit"):
-    m = memory.finetune_memory(n_llama, precision="mixed", optimizer=optimizer)
-    print(f"mixed precision + {optimizer:>9}: {m.optimizer / n_llama:5.2f} B/param of optimizer "
-          f"state, {m.total / n_llama:5.2f} B/param, {m.total / memory.GB:6.1f} GB "
-          f"({m.total / memory.GiB:6.1f} GiB)")
+for regime in ("full", "full, 8-bit Adam"):
+    m = memory.CONVENTIONS[regime].memory(n_llama)
+    print(f"{regime:>16}: {m.optimizer / n_llama:5.2f} B/param of optimizer state, "
+          f"{m.total / n_llama:5.2f} B/param, {m.total / memory.GB:6.1f} GB")
 
 # %% [markdown]
-# With 16 bytes per parameter the total is 128.5 GB (119.7 GiB): "over 120 GB" is true in
-# decimal gigabytes but not in GiB, which is how GPU memory is usually quoted — the title's
-# "128GB" is the accurate figure, and it is GPU memory, not RAM. Both leave out activations,
-# which come on top and depend on batch size and sequence length.
+# With 16 bytes per parameter the total is 128.5 GB: "over 120 GB" holds, and the title's
+# "128GB" is the accurate figure — of GPU memory, not RAM. Both leave out activations, which
+# come on top and depend on batch size and sequence length.
 #
-# Claim 3: how many 48 GB A40s?
+# Claim 3: how many 48 GB A40s? A card's marketed "48 GB" are 48 GiB
+# (`memory.gpu_card_bytes`), 51.5 GB in the course's unit.
 
 # %%
-a40 = 48 * memory.GB
-for optimizer in ("adamw", "adamw8bit"):
-    static = memory.finetune_memory(n_llama, precision="mixed", optimizer=optimizer).static
+a40 = memory.gpu_card_bytes(48)
+spares = {}
+for regime in ("full", "full, 8-bit Adam"):
+    static = memory.CONVENTIONS[regime].memory(n_llama).static
     n_gpus = -(-static // a40)  # ceiling division
-    spare = (n_gpus * a40 - static) / n_gpus
-    print(f"{optimizer:>9}: {static / a40:.2f} A40s of static state -> {n_gpus:.0f} GPUs, "
-          f"{spare / memory.GB:.1f} GB left per GPU for activations")
+    spares[regime] = (n_gpus * a40 - static) / n_gpus
+    print(f"{regime:>16}: {static / a40:.2f} A40s of static state -> {n_gpus:.0f} GPUs, "
+          f"{spares[regime] / memory.GB:.1f} GB left per GPU for activations")
+assert round(a40 / memory.GB, 1) == 51.5
+assert [round(spare / memory.GB, 1) for spare in spares.values()] == [8.7, 11.3]
 
 # %% [markdown]
 # Three A40s hold the 16-byte state only if weights, gradients and optimizer states are
-# **sharded** across the GPUs (ZeRO-3 / FSDP), leaving about 5 GB per GPU for activations and
+# **sharded** across the GPUs (ZeRO-3 / FSDP), leaving about 8.7 GB per GPU for activations and
 # the CUDA context. Plain data parallelism keeps a full copy on every GPU: 128.5 GB does not fit
 # on any number of 48 GB cards. With the 8-bit Adam the slide names, two A40s would do
-# (80.6 GB of state, 7.7 GB left on each).
+# (80.6 GB of state, 11.3 GB left on each).
 #
 # **Errata for this slide**
 #
 # * "regular 8bit Adam … 12 bytes for the Adam optimizer states": 12 bytes is **32-bit** Adam
 #   in mixed precision (float32 master copy + $m$ + $v$). 8-bit Adam needs 2.03 bytes for its
 #   states (+ 4 for the master copy): 10.03 bytes per parameter, 80.6 GB.
-# * "16 bytes per trainable parameter … over 120GB": 16 × 8.03 billion = 128.5 GB (119.7 GiB),
-#   and that is weights, gradients and optimizer states only; activations come on top.
+# * "16 bytes per trainable parameter … over 120GB": 16 × 8.03 billion = 128.5 GB, and that
+#   is weights, gradients and optimizer states only; activations come on top.
 # * "at least 3 A40s with 48GB": three only with the states sharded (ZeRO-3 / FSDP), leaving
-#   about 5 GB per GPU for activations; two with 8-bit Adam.
+#   about 8.7 GB per GPU for activations; two with 8-bit Adam.
 # * "takes 128GB of RAM": GPU memory, and only its static part.
 #
 # ### The model sizes of the opening slides
@@ -350,7 +367,7 @@ for optimizer in ("adamw", "adamw8bit"):
 # %%
 for name, n_params in (("GPT-3", 175e9), ("PaLM", 540e9)):
     weights = memory.finetune_memory(int(n_params), precision="bf16").weights
-    full = memory.finetune_memory(int(n_params), precision="mixed").static
+    full = memory.CONVENTIONS["full"].memory(int(n_params)).static
     print(f"{name:>5}: {n_params / 1e9:.0f}B parameters, {weights / memory.GB:,.0f} GB of bf16 "
           f"weights, {full / memory.GB:,.0f} GB to fine-tune in mixed precision "
           f"({full / a40:.0f} A40s of static state)")

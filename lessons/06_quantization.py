@@ -61,7 +61,7 @@ print(f"pedaPEFT {pedaPEFT.__version__}")
 import matplotlib.pyplot as plt
 import torch
 
-from pedaPEFT import exercises, figures, quant
+from pedaPEFT import exercises, figures, memory, quant
 
 # %% [markdown]
 # ## 1. Why: bytes per parameter
@@ -71,16 +71,23 @@ from pedaPEFT import exercises, figures, quant
 # GPU memory". Let us count, for a nominal 70 billion parameters:
 
 # %%
-n_params = 70e9
+n_params = 70 * 10**9
 for name, bytes_per_param in (("float32", 4), ("bfloat16", 2), ("int8", 1), ("4-bit", 0.5)):
-    print(f"{name:>9}: {n_params * bytes_per_param / 1e9:6.0f} GB of weights")
-print(f"16-bit weights + grads + fp32 Adam states (12 B/param): {n_params * 12 / 1e9:.0f} GB")
+    print(f"{name:>9}: {n_params * bytes_per_param / memory.GB:6.0f} GB of weights")
+for regime in ("full", "full, no master copy"):  # the course's conventions (lesson 3)
+    convention = memory.CONVENTIONS[regime]
+    print(f"fine-tuning, {regime} ({convention.bytes_per_trainable():.0f} B/param): "
+          f"{convention.memory(n_params).static / memory.GB:,.0f} GB")
+paper_65b = memory.CONVENTIONS["full, no master copy"].memory(65 * 10**9).static
+print(f"the same for 65B parameters, no master copy: {paper_65b / memory.GB:,.0f} GB")
 
 # %% [markdown]
 # > **Erratum.** 70B parameters in float32 are **280 GB** of weights, not 820 GB. A figure of
-# > that size is what *full fine-tuning* costs: 16-bit weights and gradients plus two float32
-# > Adam moments are 12 bytes per parameter, 840 GB for 70B (the QLoRA paper's ">780 GB" is the
-# > same count for a 65B model: 65 × 12 = 780).
+# > that size is what *full fine-tuning* costs. By the course's convention (lesson 3: bf16
+# > weights and gradients, a float32 master copy and two float32 Adam moments, 16 bytes per
+# > parameter) that is **1,120 GB** for 70B. Without the master copy it is 12 bytes per
+# > parameter, 840 GB: the count behind the QLoRA paper's ">780 GB" for a 65B model
+# > (65 × 12 = 780).
 #
 # ## 2. Absmax quantization, the formula corrected
 #

@@ -289,7 +289,7 @@ n_llama_linear = layers * (2 * d * d + 2 * d * kv + 3 * d * ffn)
 print(f"LLaMA-3-8B parameters: {n_llama:,}; in Linear layers: {n_llama_linear:,}")
 all_4bit = n_llama * 0.5 / 1e9
 all_4127 = n_llama * 4.127 / 8 / 1e9
-linear_only = (n_llama_linear * 4.127 / 8 + 2 * (n_llama - n_llama_linear)) / 1e9
+linear_only = memory.CONVENTIONS["qlora"].memory(n_llama, 0, quantized=n_llama_linear).static / 1e9
 print(f"base at 0.5 bytes for every parameter (lecture): {all_4bit:.2f} GB")
 print(f"base at 4.127 bits for every parameter:          {all_4127:.2f} GB")
 print(f"Linear at 4.127 bits, embeddings + head in bf16: {linear_only:.2f} GB")
@@ -308,7 +308,7 @@ print(f"Linear at 4.127 bits, embeddings + head in bf16: {linear_only:.2f} GB")
 trainable_llama_lecture = round(0.006 * 8e9)
 lecture_bytes = 0.5 + 2 + 2 + 4
 per_param = memory.finetune_memory(0, "lora", precision="bf16", trainable=1)
-bf16_adamw32 = 2 + 2 + memory.optimizer_state_bytes("adamw", "fp32")
+bf16_adamw32 = memory.CONVENTIONS["lora"].bytes_per_trainable()  # lesson 3's conventions
 trainable_r16 = layers * 16 * ((d + d) * 2 + (d + kv) * 2 + 3 * (d + ffn))
 print(f"0.6% of 8B = {trainable_llama_lecture / 1e6:.0f} M; r = 16 on all linear layers: "
       f"{trainable_r16:,} ({100 * trainable_r16 / n_llama:.2f}%)")

@@ -24,13 +24,15 @@
 # unified memory) and how the package's `PagedAdamW` does it instead (a memory budget, pinned
 # host memory, explicit copies in pages), and then runs full fine-tuning of the small GPT on a
 # simulated device that a large batch overfills: plain AdamW runs out of memory, the paged one
-# finishes with the same weights. Finally we check the lecture's claim about a 33B model on a
-# 24 GB GPU against the QLoRA paper and against arithmetic.
+# finishes with the same weights. Then we check the lecture's claim about a 33B model on a
+# 24 GB GPU against the QLoRA paper and against arithmetic, and last we measure the
+# activations themselves and what gradient checkpointing does to them.
 #
 # **You will learn:** what AdamW stores and why its update can be done in slices; what
 # unified memory, page faults and prefetching are; how a budget, pages and a double buffer
 # replace them; what paging buys (memory at a spike) and what it costs (copies); where the
-# lecture's paged-optimizer slides are right and wrong.
+# lecture's paged-optimizer slides are right and wrong; how much activation memory a training
+# step keeps, and what gradient checkpointing trades for it.
 
 # %%
 # Setup, the same in every lesson: install pedaPEFT if this Python lacks it (Colab, JupyterHub),
@@ -70,7 +72,7 @@ print(f"pedaPEFT {pedaPEFT.__version__}")
 import matplotlib.pyplot as plt
 import torch
 
-from pedaPEFT import exercises, figures, gpt, paged, quant, simulated_device
+from pedaPEFT import exercises, figures, gpt, memory, paged, simulated_device
 
 torch.set_num_threads(1)  # the models here are tiny: one thread is fastest on a shared CPU
 
@@ -363,22 +365,26 @@ total_params = linear_params + embedding_params + norm_params
 print(f"parameters: {total_params / 1e9:.2f} B; LoRA parameters: {lora_params / 1e6:.1f} M "
       f"({100 * lora_params / total_params:.2f} %)")
 
-bits = quant.bits_per_parameter(blocksize=64, double_quant=True, dq_blocksize=256)
-memory = {
-    "NF4 + DQ linear weights": linear_params * bits / 8,
-    "bf16 embeddings, head, norms": 2 * (embedding_params + norm_params),
-    "bf16 LoRA weights": 2 * lora_params,
-    "bf16 LoRA gradients": 2 * lora_params,
-    "fp32 AdamW states (paged)": 8 * lora_params,
+qlora = memory.CONVENTIONS["qlora"]  # the course's conventions (lesson 3): 12 B per LoRA parameter
+base = qlora.memory(total_params, 0, quantized=linear_params)
+training = qlora.memory(total_params, lora_params, quantized=linear_params)
+parts = {
+    "NF4 + DQ linear weights": qlora.memory(linear_params, 0).weights,
+    "bf16 embeddings, head, norms": base.weights - qlora.memory(linear_params, 0).weights,
+    "bf16 LoRA weights": training.weights - base.weights,
+    "bf16 LoRA gradients": training.gradients,
+    "fp32 AdamW states (paged)": training.optimizer,
 }
-for name, size in memory.items():
-    print(f"{name:>30}: {size / 1e9:6.2f} GB")
-static = sum(memory.values())
-gpu = 24 * 2**30  # a "24 GB" card (RTX 3090 / 4090) has 24 GiB
-print(f"{'total before activations':>30}: {static / 1e9:6.2f} GB of {gpu / 1e9:.2f} GB")
-pageable = memory["fp32 AdamW states (paged)"]
-print(f"left for activations, CUDA context and fragmentation: {(gpu - static) / 1e9:.2f} GB; "
-      f"with the states paged out: {(gpu - static + pageable) / 1e9:.2f} GB")
+for name, size in parts.items():
+    print(f"{name:>30}: {size / memory.GB:6.2f} GB")
+static = training.static
+gpu = memory.gpu_card_bytes(24)  # a "24 GB" card (RTX 3090 / 4090) holds 24 GiB
+print(f"{'total before activations':>30}: {static / memory.GB:6.2f} GB of {gpu / memory.GB:.2f} GB")
+pageable = training.optimizer
+print(f"left for activations, CUDA context and fragmentation: {(gpu - static) / memory.GB:.2f} GB; "
+      f"with the states paged out: {(gpu - static + pageable) / memory.GB:.2f} GB")
+assert [round(x / memory.GB, 1) for x in (static, gpu, pageable, gpu - static,
+                                          gpu - static + pageable)] == [23.3, 25.8, 3.9, 2.5, 6.4]
 
 # %% [markdown]
 # About 23 of the card's 25.8 GB are taken before a single activation; the optimizer states
@@ -403,6 +409,147 @@ print(f"left for activations, CUDA context and fragmentation: {(gpu - static) / 
 # - *"All optimizer states are prefetched to the GPU"* ("Paged Optimizer works like this",
 #   step 3): each parameter's states are prefetched just before its update, and only states
 #   of at least $10^5$ elements are paged at all. **Imprecise.**
+
+# %% [markdown]
+# ## 8. Activations, and gradient checkpointing
+#
+# Section 6 left about 2.5 GB of the card for everything that is not a weight or a state:
+# the **activations**, the tensors autograd keeps from the forward pass to compute the
+# gradients. The QLoRA paper (§2) measures them for LLaMA-7B on FLAN v2 at batch size 1: the
+# LoRA parameters take 26 MB, the activations ("LoRA input gradients") 567 MB, and the 4-bit
+# base 5,048 MB; with gradient checkpointing the activations fall to about 18 MB per sequence.
+# For parameter-efficient fine-tuning, activations, not adapters, are what training adds.
+#
+# We measure the same on the tiny GPT with LoRA on every linear layer: a saved-tensor hook
+# (`memory.saved_tensor_bytes`) adds up every tensor autograd keeps during one forward pass,
+# and `memory.gpt_activation_bytes` predicts it.
+
+# %%
+import torch.nn.functional as F
+
+from pedaPEFT import lora
+
+seed_everything(0)
+model = gpt.load_pretrained("tiny")
+lora.apply_lora(model, lora.LoRAConfig(r=8, alpha=16, target_modules=gpt.ALL_LINEAR))
+batch = 64
+x, y = data.pretrain_batch(0, batch)
+tokens = x.numel()
+
+
+def training_loss():
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+lora_optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+training_loss().backward()
+lora_optimizer.step()
+static_bytes = memory.measured_static_memory(model, lora_optimizer)
+lora_optimizer.zero_grad(set_to_none=True)
+saved = memory.saved_tensor_bytes(training_loss, model)
+plain_gpt = memory.gpt_activation_bytes(model.config, batch)
+print(f"{batch} sequences x {model.config.block_size} tokens = {tokens} tokens")
+print(f"fp32 base weights + LoRA adapters:   {static_bytes.weights / 1e6:6.2f} MB")
+print(f"LoRA gradients + AdamW states:       "
+      f"{(static_bytes.gradients + static_bytes.optimizer) / 1e6:6.2f} MB")
+print(f"activations kept for backward:       {saved / 1e6:6.2f} MB "
+      f"({saved / tokens / 1e3:.1f} kB per token)")
+print(f"  of which the GPT without LoRA keeps {plain_gpt / 1e6:.2f} MB "
+      f"(memory.gpt_activation_bytes), LoRA's r-wide products the rest")
+
+# %% [markdown]
+# At a batch of a thousand tokens the activations are more than ten times the weights,
+# gradients and optimizer states together (the assert below keeps this sentence true): the
+# paper's picture in miniature. They grow with batch size × sequence length; the rest does not.
+
+# %%
+assert saved > 10 * static_bytes.static
+
+# %% [markdown]
+# **Gradient checkpointing** keeps only each block's *input* and runs the block's forward a
+# second time during backward, one block at a time, to rebuild what its gradient needs.
+# `model.gradient_checkpointing_enable()` wraps every block in `torch.utils.checkpoint`
+# (non-reentrant, with the random state restored so that dropout draws the same masks). The
+# gradients must come out the same; the saved activations and the number of block forwards
+# per step change:
+
+# %%
+forward_calls = []
+counters = [block.register_forward_pre_hook(lambda *_: forward_calls.append(1))
+            for block in model.blocks]
+activations, gradients, block_forwards = {}, {}, {}
+for checkpointing in (False, True):
+    model.gradient_checkpointing_enable(checkpointing)
+    activations[checkpointing] = memory.saved_tensor_bytes(training_loss, model)
+    model.zero_grad(set_to_none=True)
+    forward_calls.clear()
+    training_loss().backward()
+    block_forwards[checkpointing] = len(forward_calls)
+    gradients[checkpointing] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+for counter in counters:
+    counter.remove()
+one_block = (memory.gpt_activation_bytes(model.config, batch)
+             - memory.gpt_activation_bytes(gpt.GPTConfig.preset("tiny", n_layer=3), batch))
+same = all(torch.equal(a, b) for a, b in zip(gradients[False], gradients[True], strict=True))
+print(f"same gradients with and without checkpointing: {same}")
+for checkpointing in (False, True):
+    print(f"checkpointing {'on ' if checkpointing else 'off'}: "
+          f"{activations[checkpointing] / 1e6:5.2f} MB kept for backward, "
+          f"{block_forwards[checkpointing]} block forwards per step")
+print(f"while a block is recomputed, its own activations come back: {one_block / 1e6:.2f} MB")
+
+# %% [markdown]
+# The same gradients, bit for bit, from less than a tenth of the saved activations (asserted
+# below): each block keeps only its input, $d$ numbers per token instead of $16d + h + 4$.
+# During backward, one block at a time has its activations back while it is recomputed.
+#
+# The price is time: every block runs its forward twice. A forward is about a third of the
+# arithmetic of forward + backward, so on a large model, where arithmetic dominates, a step
+# costs about a third more. On the tiny GPT the bookkeeping of the recomputation weighs more.
+# Measured here (your numbers will differ; this cell's output is not compared when the lesson
+# is tested):
+
+# %%
+assert activations[True] < activations[False] / 10 and same
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+import time
+
+step_seconds = {}
+for checkpointing in (False, True):
+    model.gradient_checkpointing_enable(checkpointing)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        training_loss().backward()
+        times.append(time.perf_counter() - start)
+    step_seconds[checkpointing] = sorted(times)[len(times) // 2]
+    print(f"checkpointing {'on ' if checkpointing else 'off'}: "
+          f"{1e3 * step_seconds[checkpointing]:.1f} ms per forward + backward (median of 7)")
+print(f"ratio: {step_seconds[True] / step_seconds[False]:.2f}")
+model.gradient_checkpointing_enable(False)
+
+# %% [markdown]
+# Why this matters for paging: what checkpointing leaves still grows with the batch and the
+# sequence length — $L \cdot d$ numbers per token for the block inputs, one recomputed block,
+# and the logits. For the 33B model of section 6 the block inputs alone, in bf16, take
+# $2 L d$ bytes per token:
+
+# %%
+per_token = 2 * L * d  # bf16 block inputs of LLaMA-33B, checkpointed
+print(f"{per_token / 1e3:.0f} kB per token; the {(gpu - static) / memory.GB:.1f} GB left hold "
+      f"{(gpu - static) // per_token:,.0f} tokens, {(gpu - static + pageable) // per_token:,.0f} "
+      f"with the optimizer states paged out")
+
+# %% [markdown]
+# Even checkpointed, the block inputs of a batch of about three thousand tokens fill what is
+# left (before the recomputed block, the logits and the CUDA context); a rare longer batch does
+# not fit — unless the optimizer states make room, which more than doubles it. That is the
+# spike of section 4, and the reason the QLoRA recipe combines gradient checkpointing (its
+# scripts turn it on) with paged optimizers: checkpointing shrinks the activations of every
+# step, paging absorbs the steps where they still do not fit.
 
 # %% [markdown]
 # ## Exercises

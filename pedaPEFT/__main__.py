@@ -109,6 +109,12 @@ def command_lessons(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_readme(args: argparse.Namespace) -> int:
+    from pedaPEFT import readme
+
+    return readme.main(check=args.check)
+
+
 def copy_lessons(args: argparse.Namespace) -> int:
     """``lessons --copy DIR [--student] [--force]``: the installed notebooks, copied out."""
     from pedaPEFT import course_files
@@ -368,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="with --copy: overwrite notebooks already in DIR"
     )
     lessons.set_defaults(run=command_lessons)
+
+    readme = commands.add_parser(
+        "readme", help="write the README's lesson runtimes (recorded by the test run) and its "
+                       "memory conventions table (from pedaPEFT.memory)")
+    readme.add_argument("--check", action="store_true", help="only report what differs")
+    readme.set_defaults(run=command_readme)
 
     site = commands.add_parser(
         "site", help="build the course website (static HTML) from the stored notebooks"

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 PRESETS: dict[str, dict[str, int | float]] = {
     # The course's workhorse: pretrains and fine-tunes on a 2-core CPU in about a minute.
@@ -205,6 +206,13 @@ class GPT(nn.Module):
     ``forward(idx)`` maps token ids of shape (B, T), T <= block_size, to logits (B, T, V).
     ``features(idx)`` returns the final normalised hidden states (B, T, d) the head reads.
 
+    ``gradient_checkpointing`` (default False; set it, or call
+    ``gradient_checkpointing_enable()``): when gradients are being recorded, each block keeps
+    only its input for the backward pass and runs its forward again there
+    (``torch.utils.checkpoint``, non-reentrant, random state restored so dropout repeats).
+    Saved activations fall from L blocks' worth (16 d + h + 4 floats per token each) to L
+    block inputs (d floats per token each), at the price of a second forward of every block.
+
     Introduced in lesson 3, section "1. The workbench: a tiny GPT and synthetic tasks";
     used again in lessons 4 and 5 and 10.
     """
@@ -214,6 +222,7 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
+        self.gradient_checkpointing = False
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -248,9 +257,19 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.ln_f(x)
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Turn gradient checkpointing on (or off with ``enabled=False``).
+
+        Introduced in lesson 10, section "8. Activations, and gradient checkpointing".
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        self.gradient_checkpointing = enabled
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.features(idx))

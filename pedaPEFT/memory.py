@@ -13,6 +13,9 @@ with bytes per parameter b set by the precision and the optimizer:
     "amp"         4        4        0       torch.autocast: float32 weights, 16-bit compute
     "mixed"       2        2        4       16-bit weights and gradients, float32 master copy
                                             (the ZeRO paper's accounting)
+    "bf16-fp32-moments"
+                  2        2        0       16-bit weights and gradients, float32 Adam
+                                            moments, no master copy (QLoRA's adapters)
     "bf16"        2        2        0       pure 16-bit training
 
     optimizer        b_state
@@ -28,6 +31,10 @@ for QLoRA (4-bit NF4 with double quantization stores 4.127 bits per parameter).
 Full fine-tuning with mixed precision and AdamW is the familiar 2 + 2 + (4 + 4 + 4) = 16 bytes
 per parameter; with 8-bit AdamW it is 2 + 2 + (4 + 2.03) = 10.03.
 
+``CONVENTIONS`` names the regimes the course quotes (16 bytes for full fine-tuning, 12 for a
+LoRA/QLoRA adapter parameter, ...) and ``GB`` is the one unit every size is printed in;
+``conventions_table`` prints both, for lesson 3 and the README.
+
 Activations are what autograd keeps for the backward pass; ``gpt_activation_bytes`` counts
 them for ``pedaPEFT.gpt.GPT`` and ``saved_tensor_bytes`` measures them.
 """
@@ -35,19 +42,21 @@ them for ``pedaPEFT.gpt.GPT`` and ``saved_tensor_bytes`` measures them.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-GB = 10**9
-GiB = 2**30
+GB = 10**9  # the course's unit: every memory size is stated in GB (decimal gigabytes)
+GiB = 2**30  # only for GPU cards, whose marketed "GB" are GiB (see gpu_card_bytes)
 
 PRECISIONS = {  # b_weight, b_grad, b_master, bytes per optimizer moment
     "fp32": (4, 4, 0, 4),
     "amp": (4, 4, 0, 4),
     "mixed": (2, 2, 4, 4),
+    "bf16-fp32-moments": (2, 2, 0, 4),
     "bf16": (2, 2, 0, 2),
 }
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
@@ -185,11 +194,102 @@ def bytes_per_parameter(**kwargs: object) -> dict[str, float]:
     return finetune_memory(1, "full", **kwargs).as_dict()
 
 
+# --------------------------------------------------------------------------- conventions
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One fine-tuning regime as the course counts it: the arguments of ``finetune_memory``
+    (``method``, ``precision``, ``optimizer``) and, in words, what a trained parameter keeps.
+
+    Introduced in lesson 3, section "The course's memory conventions".
+    """
+
+    method: str
+    precision: str
+    optimizer: str
+    stores: str
+
+    def memory(self, n_params: int, trainable: int | None = None,
+               quantized: int | None = None) -> MemoryBreakdown:
+        """``finetune_memory`` of ``n_params`` base parameters under this regime.
+
+        For LoRA and QLoRA, ``trainable`` adapter parameters train on the frozen base;
+        ``quantized`` (QLoRA) is how many base parameters are in NF4 (default: all).
+        """
+        extra = {} if self.method == "full" else {"trainable": trainable}
+        if self.method == "qlora":
+            extra["quantized"] = quantized
+        return finetune_memory(n_params, self.method, precision=self.precision,
+                               optimizer=self.optimizer, **extra)
+
+    def bytes_per_trainable(self) -> float:
+        """Bytes of one trainable parameter: weight + gradient + master copy + moments."""
+        if self.method == "full":
+            return self.memory(1).static
+        return self.memory(0, trainable=1).static
+
+    def bytes_per_frozen(self) -> float:
+        """Bytes of one frozen base parameter (a quantized one, for QLoRA); 0 for full."""
+        return 0.0 if self.method == "full" else self.memory(1, 0).static
+
+
+CONVENTIONS = {
+    "full": Convention("full", "mixed", "adamw",
+                       "bf16 weight and gradient, fp32 master copy, two fp32 Adam moments"),
+    "full, no master copy": Convention(
+        "full", "bf16-fp32-moments", "adamw",
+        "bf16 weight and gradient, two fp32 Adam moments (the QLoRA paper's '>780 GB')"),
+    "full, 8-bit Adam": Convention("full", "mixed", "adamw8bit",
+                                   "bf16 weight and gradient, fp32 master copy, 8-bit moments"),
+    "full, pure bf16": Convention("full", "bf16", "adamw",
+                                  "bf16 weight, gradient and Adam moments"),
+    "lora": Convention("lora", "bf16-fp32-moments", "adamw",
+                       "frozen bf16 base; bf16 adapter and gradient, two fp32 Adam moments"),
+    "qlora": Convention("qlora", "bf16-fp32-moments", "adamw",
+                        "frozen NF4 + DQ base (4.127 bits); adapter as for LoRA"),
+}
+
+
+def gpu_card_bytes(marketed_gb: int) -> int:
+    """Bytes of a GPU card sold as ``marketed_gb`` "GB": its memory comes in powers of two,
+    so the marketed number counts GiB (a "24 GB" card holds 24 x 2^30 bytes = 25.77 GB).
+
+    Introduced in lesson 3, section "The course's memory conventions".
+    """
+    _check_count(marketed_gb, "marketed_gb")
+    return marketed_gb * GiB
+
+
+def conventions_table(markdown: bool = False) -> str:
+    """The course's memory conventions: bytes per parameter of each regime, and the unit.
+
+    Plain text for a lesson, or (``markdown=True``) the table the README shows.
+
+    Introduced in lesson 3, section "The course's memory conventions".
+    """
+    header = ("regime", "frozen B/param", "trained B/param", "what each trained parameter keeps")
+    rows = [(name, "-" if c.method == "full" else f"{c.bytes_per_frozen():.3g}",
+             f"{c.bytes_per_trainable():.4g}", c.stores) for name, c in CONVENTIONS.items()]
+    unit = (f"Sizes are in GB = 10^9 bytes. A GPU card sold as \"N GB\" holds N GiB "
+            f"(2^30 bytes): a \"24 GB\" card is {gpu_card_bytes(24) / GB:.2f} GB. QLoRA's "
+            f"frozen bytes are for the quantized Linear weights; embeddings, norms and head "
+            f"stay bf16 (2 bytes).")
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines) + "\n\n" + unit
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    lines = [f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}"
+             for row in [header, *rows]]
+    return "\n".join(lines) + "\n" + textwrap.fill(unit, 96)
+
+
 # --------------------------------------------------------------------------- activations
 
 
 def gpt_activation_bytes(config, batch_size: int, seq_len: int | None = None,
-                         precision: str = "fp32") -> int:
+                         precision: str = "fp32", checkpointing: bool = False) -> int:
     """Bytes autograd keeps between forward and backward for one training step of ``gpt.GPT``.
 
     n = batch_size x seq_len tokens, width d, h heads, L layers, vocabulary V. In float32
@@ -208,10 +308,15 @@ def gpt_activation_bytes(config, batch_size: int, seq_len: int | None = None,
     its input; every matrix weight is cast once to 16-bit (2 bytes per matmul parameter).
     Token and position indices, the targets and the loss's divisor add 8 n + 8 T + 8 n + 4.
 
+    With ``checkpointing`` (``GPT.gradient_checkpointing``, float32 only) a layer keeps just its
+    input, d floats per token, instead of 16 d + h + 4; backward recomputes one block at a
+    time, so its 16 d + h + 4 come back for one layer while that layer's gradient is computed.
+
     Exact for the eager CPU run (tested with ``saved_tensor_bytes``); on a GPU the same
     tensors are kept, and the allocator's rounding and workspaces come on top.
 
-    Introduced in lesson 3, section "Checking the accounting against real tensors".
+    Introduced in lesson 3, section "Checking the accounting against real tensors";
+    used again in lesson 10.
     """
     T = config.block_size if seq_len is None else seq_len
     for name, value in (("batch_size", batch_size), ("seq_len", T)):
@@ -220,8 +325,11 @@ def gpt_activation_bytes(config, batch_size: int, seq_len: int | None = None,
     n = batch_size * T
     d, h, L, V = config.n_embd, config.n_head, config.n_layer, config.vocab_size
     indices = 8 * n + 8 * T + 8 * n + 4
+    if checkpointing and precision != "fp32":
+        raise ValueError(f"checkpointing is counted for precision 'fp32' only, got {precision!r}")
     if precision == "fp32":
-        per_token = L * 4 * (16 * d + h + 4) + 4 * (2 * d + 2 + V)
+        per_layer = d if checkpointing else 16 * d + h + 4
+        per_token = L * 4 * per_layer + 4 * (2 * d + 2 + V)
         return n * per_token + indices
     if precision == "amp":
         per_layer = 4 * (2 * d + h + 4) + 2 * (3 * d + 4 * d + d + 4 * d + 4 * d)
@@ -270,7 +378,11 @@ def saved_tensor_bytes(step: Callable[[], torch.Tensor], model: nn.Module) -> in
     """Measure the bytes autograd saves during ``step()`` (a forward that returns the loss).
 
     Each saved tensor is counted once per storage; the model's parameters (and their
-    16-bit copies' parents) are excluded, so the result is the activation memory.
+    16-bit copies' parents) are excluded, so the result is the activation memory. Under
+    gradient checkpointing it counts what the checkpoints keep (each block's input), not what
+    they recompute.
+
+    Introduced in lesson 10, section "8. Activations, and gradient checkpointing".
     """
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

@@ -4,14 +4,16 @@ The strict nbval run (collected from ``lessons/``) proves that every stored outp
 each solution's check, is reproduced by a fresh run; these tests check everything else.
 """
 
+import inspect
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nbformat
 import pytest
 
 import pedaPEFT
-from pedaPEFT import notebooks
+from pedaPEFT import figures, figures_quant, notebooks
 from pedaPEFT.course import _parse
 
 SOURCES = notebooks.lesson_sources()
@@ -122,6 +124,78 @@ def test_nbval_removes_what_the_setup_cell_prints_when_it_installs():
     assert sanitized == stored
     cell = notebooks.setup_cell("0.1.0")
     assert 'print(f"installing pedaPEFT {LESSON_VERSION} from {install_source} ..."' in cell
+
+
+def _returns_a_figure(function) -> bool:
+    annotation = inspect.signature(function).return_annotation
+    return annotation == "Figure" or getattr(annotation, "__name__", None) == "Figure"
+
+
+FIGURE_FUNCTIONS = {
+    name for module in (figures, figures_quant) for name, value in vars(module).items()
+    if inspect.isfunction(value) and _returns_a_figure(value)
+}
+PLOTTING_CALL = re.compile(
+    r"\bplt\.(show|figure|subplots|imshow|plot|bar|barh|hist|scatter|semilogy|loglog)\("
+    r"|\bfigures(?:_quant)?\.(\w+)\("
+)
+
+
+def makes_a_figure(source: str) -> bool:
+    """Whether a cell draws: a pyplot call, or a package function that returns a Figure."""
+    for match in PLOTTING_CALL.finditer(source):
+        if match.group(1) or match.group(2) in FIGURE_FUNCTIONS:
+            return True
+    return False
+
+
+def figure_problems(notebook: nbformat.NotebookNode) -> list[str]:
+    """Cells whose stored outputs lack the image they should show.
+
+    A display output holding only ``<Figure size ...>`` (text/plain, no image/png) is a figure
+    that was built but never drawn into the notebook; a cell that draws and stores no image at
+    all lost its figure too. Either way the reader of the stored notebook sees no plot.
+    """
+    problems = []
+    for number, cell in enumerate(notebooks.code_cells(notebook)):
+        images = [output for output in cell.outputs if "image/png" in output.get("data", {})]
+        for output in cell.outputs:
+            data = output.get("data", {})
+            if "image/png" not in data and str(data.get("text/plain", "")).startswith(
+                "<Figure size"
+            ):
+                problems.append(f"code cell {number} stored {data['text/plain']!r} without "
+                                "its image: end the cell with plt.show()")
+        if makes_a_figure(cell.source) and not images:
+            problems.append(f"code cell {number} draws a figure but stored no image:\n"
+                            f"{cell.source}")
+    return problems
+
+
+def test_every_figure_is_stored_as_an_image(lesson):
+    problems = figure_problems(lesson)
+    assert not problems, "\n".join(problems)
+
+
+def _notebook_with(source: str, outputs: list) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(source, execution_count=1, outputs=outputs)
+    return nbformat.v4.new_notebook(cells=[cell])
+
+
+def test_the_figure_lint_finds_a_figure_without_its_image():
+    bare = nbformat.v4.new_output(
+        "execute_result", {"text/plain": "<Figure size 800x380 with 1 Axes>"}, execution_count=1
+    )
+    assert figure_problems(_notebook_with("figure = figures.qlora_table3()\nfigure", [bare]))
+    assert figure_problems(_notebook_with("figure = figures.qlora_table3()", []))
+    assert figure_problems(_notebook_with("plt.plot([1, 2])", []))
+    drawn = nbformat.v4.new_output(
+        "display_data", {"text/plain": "<Figure size 800x380 with 1 Axes>", "image/png": "iVBO"}
+    )
+    assert not figure_problems(
+        _notebook_with("figure = figures.qlora_table3()\nplt.show()", [drawn])
+    )
+    assert not figure_problems(_notebook_with("photo = figures.sample_photograph()", []))
 
 
 def test_lesson_has_exercises(lesson):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pedaPEFT import data, gpt, memory, train
+from pedaPEFT import data, gpt, lora, memory, train
 
 
 def test_bytes_per_parameter_table():
@@ -73,6 +73,70 @@ def test_activation_formula_equals_saved_tensors(precision, n_layer, batch, seq)
 
     measured = memory.saved_tensor_bytes(step, model)
     assert memory.gpt_activation_bytes(config, batch, seq, precision) == measured
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_checkpointing_gives_the_same_gradients_and_saves_less(dropout):
+    """Full fine-tuning without dropout (the formula's case); LoRA with dropout (masks redrawn)."""
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(vocab_size=48, block_size=16, n_layer=3, n_head=4, n_embd=32,
+                           dropout=dropout)
+    model = gpt.GPT(config)
+    if dropout > 0:
+        lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8, target_modules=gpt.ALL_LINEAR))
+    x, y = torch.randint(48, (6, 16)), torch.randint(48, (6, 16))
+
+    def step():
+        return train._scored_loss(model(x), y, 1.0)
+
+    saved, grads = {}, {}
+    for checkpointing in (False, True):
+        model.gradient_checkpointing_enable(checkpointing)
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        saved[checkpointing] = memory.saved_tensor_bytes(step, model)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        step().backward()
+        grads[checkpointing] = {name: p.grad.clone() for name, p in model.named_parameters()
+                                if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=0, msg=name)
+    assert saved[True] < saved[False] / 3
+    if dropout == 0.0:
+        for checkpointing in (False, True):
+            assert saved[checkpointing] == memory.gpt_activation_bytes(
+                config, 6, 16, checkpointing=checkpointing)
+    with torch.no_grad():  # nothing to recompute without gradients
+        assert model(x).shape == (6, 16, 48)
+    with pytest.raises(TypeError, match="enabled must be"):
+        model.gradient_checkpointing_enable("yes")
+    with pytest.raises(ValueError, match="checkpointing is counted"):
+        memory.gpt_activation_bytes(config, 1, precision="amp", checkpointing=True)
+
+
+def test_memory_conventions():
+    full = memory.CONVENTIONS["full"]
+    # mixed precision: 2 (weight) + 2 (gradient) + 4 (fp32 master) + 4 + 4 (Adam m, v)
+    assert full.bytes_per_trainable() == 2 + 2 + 4 + 4 + 4
+    assert memory.CONVENTIONS["full, no master copy"].bytes_per_trainable() == 2 + 2 + 4 + 4
+    assert memory.CONVENTIONS["full, pure bf16"].bytes_per_trainable() == 2 + 2 + 2 + 2
+    assert memory.CONVENTIONS["full, 8-bit Adam"].bytes_per_trainable() == pytest.approx(
+        2 + 2 + 4 + 2 * (1 + 4 / 256))
+    for name in ("lora", "qlora"):
+        assert memory.CONVENTIONS[name].bytes_per_trainable() == 2 + 2 + 4 + 4
+    assert memory.CONVENTIONS["lora"].bytes_per_frozen() == 2
+    assert memory.CONVENTIONS["qlora"].bytes_per_frozen() == pytest.approx(4.127 / 8)
+    qlora = memory.CONVENTIONS["qlora"].memory(1000, 10, quantized=800)
+    assert qlora.weights == pytest.approx(800 * 4.127 / 8 + 200 * 2 + 10 * 2)
+    assert full.memory(70 * 10**9).static / memory.GB == 1120
+    assert memory.gpu_card_bytes(24) == 24 * 2**30
+    with pytest.raises(ValueError, match="marketed_gb"):
+        memory.gpu_card_bytes(-1)
+    table = memory.conventions_table()
+    for name, convention in memory.CONVENTIONS.items():
+        assert name in table and convention.stores in table
+    assert "GB = 10^9 bytes" in table and "25.77 GB" in table
 
 
 def test_llama3_8b_parameter_count():
