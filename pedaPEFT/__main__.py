@@ -111,7 +111,6 @@ def command_lessons(args: argparse.Namespace) -> int:
 
 def command_readme(args: argparse.Namespace) -> int:
     from pedaPEFT import readme
-
     return readme.main(check=args.check)
 
 
@@ -242,9 +241,10 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_qlora_experiment(args: argparse.Namespace) -> int:
     from pedaPEFT import experiments, files
 
-    out = Path(args.out) if args.out else experiments.results_path(f"qlora_table3_{args.task}")
+    name = "qlora_qv" if args.rows == "qv" else "qlora_table3"
+    out = Path(args.out) if args.out else experiments.results_path(f"{name}_{args.task}")
     files.check_output_file(out, "--out")
-    results = experiments.experiment("qlora_table3", args.scale, args.task, log=print)
+    results = experiments.experiment(name, args.scale, args.task, log=print)
     experiments.write_results(results, out)
     print(f"wrote {out}")
     return 0
@@ -328,10 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     qlora_experiment.add_argument("--task", default="reverse", choices=TASKS,
                                   help="downstream task (default: reverse)")
     qlora_experiment.add_argument(
+        "--rows", default="all", choices=["all", "qv"],
+        help="all (default): table 3's seven rows at fixed learning rates; qv: its two W_q, W_v "
+             "rows, each with its learning rate chosen on a validation split")
+    qlora_experiment.add_argument(
         "--out", default=None,
-        help="output JSON (default: results/qlora_table3_<task>.json in the working directory; "
-             "--out pedaPEFT/results/qlora_table3_<task>.json refreshes a clone's committed copy)"
-    )
+        help="output JSON (default: results/qlora_table3_<task>.json, or qlora_qv_<task>.json "
+             "with --rows qv; --out pedaPEFT/results/<that name> refreshes the shipped copy)")
     qlora_experiment.set_defaults(run=command_qlora_experiment)
 
     realtext = commands.add_parser(

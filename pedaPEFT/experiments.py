@@ -22,6 +22,8 @@ order of the training batches. One runner (:func:`run`, :func:`run_many`), one s
 
 * ``qlora_table3``: the QLoRA paper's table 3 in miniature (lesson 9): full fine-tuning,
   LoRA on a float32 base and QLoRA on int8, FP4 and NF4 + DQ bases, at the same r and α.
+* ``qlora_qv``: table 3's two W_q, W_v rows again, each with its learning rate chosen from
+  ``LR_GRID`` on a validation split as ``adapters`` and ``tables`` choose theirs (lesson 9).
 
 ``SCALES["small"]`` runs in seconds (the lessons and tests use it); ``SCALES["full"]`` is
 what ``python -m pedaPEFT lora-experiment NAME --scale full`` runs; its results, committed in
@@ -234,7 +236,7 @@ def run_many(
     return rows
 
 
-EXPERIMENTS = ("adapters", "tables", "qlora_table3")
+EXPERIMENTS = ("adapters", "tables", "qlora_table3", "qlora_qv")
 
 
 def experiment(name: str, scale_name: str = "small", task: str | None = None, log=None) -> dict:
@@ -242,9 +244,9 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
 
     ``adapters`` and ``tables`` first choose one learning rate per method from ``LR_GRID`` on
     a validation split (``adapters``: for each method at its first setting; ``tables``: for
-    LoRA on {W_q, W_v}, r = 4, used for every table entry); ``qlora_table3`` uses
-    ``TABLE3_LR``. Then every setting runs with every seed and is scored on the test split.
-    The task defaults to ``shift`` (``reverse`` for table 3).
+    LoRA on {W_q, W_v}, r = 4, used for every table entry; ``qlora_qv``: for each of its two
+    rows); ``qlora_table3`` uses ``TABLE3_LR``. Then every setting runs with every seed and is
+    scored on the test split. The task defaults to ``shift`` (``reverse`` for the QLoRA ones).
     """
     if scale_name not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale_name!r}")
@@ -263,9 +265,13 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
         settings = [{"label": label, "method": method, "options": options}
                     for label, method, options in TABLE3_SETTINGS]
         search, lrs = [], dict(TABLE3_LR)
+    elif name == "qlora_qv":
+        settings = [{"label": label, "method": method, "options": options}
+                    for label, method, options in TABLE3_SETTINGS if label in TABLE3_QV_LABELS]
+        search = settings
     else:
         raise ValueError(f"name must be one of {list(EXPERIMENTS)}, got {name!r}")
-    task = task or ("reverse" if name == "qlora_table3" else "shift")
+    task = task or ("reverse" if name.startswith("qlora") else "shift")
     start = time.perf_counter()
     searches: dict[str, dict[str, float]] = {}
     for setting in search:
@@ -273,14 +279,15 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
             lrs[setting["method"]], searches[setting["method"]] = choose_lr(
                 setting["method"], setting["options"], task, scale, log)
     rows = run_many(settings, task, scale, lrs, log)
+    alpha = {"lora_alpha": LORA_ALPHA} if name in ("adapters", "tables") else {}  # else per row
     return {
+        **alpha,
         "experiment": name,
         "task": task,
         "scale": scale_name,
         "config": asdict(scale),
         "lr": lrs,
         "lr_search": searches,
-        "lora_alpha": LORA_ALPHA,
         "base_sha256": base_sha256(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -349,9 +356,10 @@ def write_results(results: dict, path: str | os.PathLike) -> Path:
 
 def _command_that_writes(name: str) -> str:
     """The CLI command that writes results file ``name`` (see :func:`results_path`)."""
-    if name.startswith("qlora_table3"):
-        task = name.removeprefix("qlora_table3").lstrip("_") or "reverse"
-        return f"python -m pedaPEFT qlora-experiment --scale full --task {task}"
+    for experiment_name, rows in (("qlora_table3", ""), ("qlora_qv", " --rows qv")):
+        if name.startswith(experiment_name):
+            task = name.removeprefix(experiment_name).lstrip("_") or "reverse"
+            return f"python -m pedaPEFT qlora-experiment{rows} --scale full --task {task}"
     experiment_name, _, task = name.removeprefix("lora_").partition("_")
     command = f"python -m pedaPEFT lora-experiment {experiment_name} --scale full"
     return command + (f" --task {task}" if task else "")
@@ -451,3 +459,6 @@ TABLE3_SETTINGS: tuple[tuple[str, str, dict], ...] = (
 
 TABLE3_LR = {"full": 1e-3, "lora": 4e-3, "qlora": 4e-3}
 """Peak learning rates per method, the same for LoRA and QLoRA."""
+
+TABLE3_QV_LABELS = ("LoRA, fp32 base, q and v", "QLoRA NF4 + DQ, q and v")
+"""Table 3's two W_q, W_v rows, which ``qlora_qv`` reruns with a learning-rate search."""

@@ -430,26 +430,29 @@ def adapter_methods() -> Figure:
 
 
 @register("qlora_table3")
-def qlora_table3(results: dict | None = None) -> Figure:
-    """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8), each seed a
-    dot and the mean ± standard deviation a bar (``pedaPEFT/results/qlora_table3_<task>.json``).
+def qlora_table3(results: dict | None = None, searched: dict | None = None) -> Figure:
+    """Lesson 9: exact match of full fine-tuning, LoRA and QLoRA (NF4, FP4, int8) and, hatched,
+    the W_q, W_v rows at searched learning rates (``results/qlora_{table3,qv}_<task>.json``);
+    each seed a dot, the mean ± standard deviation a bar, the learning rate in each label.
 
     Introduced in lesson 9, section "5. Table 3 of the QLoRA paper, in miniature"."""
     from pedaPEFT import experiments
 
-    if results is None:
-        results = experiments.load_results("qlora_table3_reverse")
-    summary = experiments.summarize(results["runs"])
+    results = results or experiments.load_results("qlora_table3_reverse")
+    searched = searched or experiments.load_results(f"qlora_qv_{results['task']}")
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(8, 3.8))
+    figure, ax = plt.subplots(figsize=(8, 4.4))
     colors = {"full": "C7", "lora": "C1", "qlora": "C0"}
-    for i, row in enumerate(summary):
-        ax.barh(i, row["mean"], xerr=row["std"], color=colors[row["method"]], alpha=0.7,
-                capsize=3)
-        seeds = [r["accuracy"] for r in results["runs"] if r["label"] == row["label"]]
-        ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
-    ax.set_yticks(range(len(summary)), [row["label"] for row in summary], fontsize=8)
+    labels = []
+    for source, note, hatch in ((results, "", None), (searched, ", searched", "//")):
+        for i, row in enumerate(experiments.summarize(source["runs"]), start=len(labels)):
+            ax.barh(i, row["mean"], xerr=row["std"], color=colors[row["method"]], alpha=0.7,
+                    capsize=3, hatch=hatch)
+            seeds = [r["accuracy"] for r in source["runs"] if r["label"] == row["label"]]
+            ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
+            labels.append(f"{row['label']} (lr {source['lr'][row['method']]:g}{note})")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="exact match on the test split",
            title=f"'{results['task']}', {results['config']['steps']} steps, "

@@ -72,7 +72,8 @@ def test_lessons_copy_options_need_copy(capsys):
 
 def test_every_committed_result_file_is_package_data():
     names = ("lora_adapters", "lora_adapters_reverse", "lora_tables", "lora_tables_reverse",
-             "qlora_table3_reverse", "qlora_table3_shift", "realtext_asyncio")
+             "qlora_table3_reverse", "qlora_table3_shift", "qlora_qv_reverse", "qlora_qv_shift",
+             "realtext_asyncio")
     for name in names:
         assert experiments.load_results(name)["runs"]
         path = course_files.shipped_results(f"{name}.json")

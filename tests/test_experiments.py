@@ -70,7 +70,7 @@ def test_summarize_keeps_labels_apart_and_the_fields_seeds_share():
 
 @pytest.mark.parametrize("name", ["lora_adapters", "lora_adapters_reverse", "lora_tables",
                                   "lora_tables_reverse", "qlora_table3_reverse",
-                                  "qlora_table3_shift"])
+                                  "qlora_table3_shift", "qlora_qv_reverse", "qlora_qv_shift"])
 def test_committed_results_load_and_summarize(name):
     results = experiments.load_results(name)
     assert experiments.results_path(name).name == f"{name}.json"
@@ -107,3 +107,30 @@ def test_alpha_over_r_keeps_update_size_closer_than_no_scaling():
     )
     growth = {rule: values[1] / values[0] for rule, values in results["norms"].items()}
     assert growth["none"] > 2 * growth["alpha/r"]
+
+
+def test_qlora_qv_searches_each_row_and_runs_it_at_its_own_rate(monkeypatch):
+    calls = []
+
+    def fake_run(method, task, seed, scale, options=None, lr=3e-3, validation=False):
+        """Pretend LoRA learns from lr 1e-2 on and QLoRA from 3e-2 on."""
+        calls.append((method, seed, lr, validation))
+        learns = lr >= (1e-2 if method == "lora" else 3e-2)
+        return {"method": method, "options": {k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in options.items()},
+                "seed": seed, "lr": lr, "accuracy": float(learns)}
+
+    monkeypatch.setattr(experiments, "run", fake_run)
+    results = experiments.experiment("qlora_qv", "full")
+    assert results["task"] == "reverse" and results["lr"] == {"lora": 1e-2, "qlora": 3e-2}
+    assert results["lr_search"]["lora"] == {"0.001": 0.0, "0.003": 0.0, "0.01": 1.0, "0.03": 1.0}
+    searched = [(m, lr) for m, seed, lr, validation in calls if validation]
+    assert searched == [(m, lr) for m in ("lora", "qlora") for lr in experiments.LR_GRID]
+    assert all(seed == 0 for _, seed, _, validation in calls if validation)
+    labels = [row["label"] for row in experiments.summarize(results["runs"])]
+    assert labels == list(experiments.TABLE3_QV_LABELS)
+    seeds = experiments.SCALES["full"].seeds
+    assert len(results["runs"]) == 2 * len(seeds)
+    for row in results["runs"]:
+        assert row["lr"] == results["lr"][row["method"]] and row["accuracy"] == 1.0
+        assert row["options"]["targets"] == ["q", "v"]

@@ -93,6 +93,8 @@ def test_load_results_names_the_real_command():
         experiments.load_results("lora_nothing")
     with pytest.raises(ValueError, match="qlora-experiment --scale full --task swap"):
         experiments.load_results("qlora_table3_swap")
+    with pytest.raises(ValueError, match="qlora-experiment --rows qv --scale full --task swap"):
+        experiments.load_results("qlora_qv_swap")
 
 
 def test_env_checks_what_lessons_needs():
