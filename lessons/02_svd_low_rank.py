@@ -377,8 +377,9 @@ print(f"{'full delta_W':>22} {held_out_error(W_after):>9.5f} {delta_W.size:>8}")
 #
 # A caveat: here we *planted* the low rank. In real fine-tuning it is an empirical finding —
 # strong for many language tasks (Hu et al. report that ranks as small as 1 to 8 work well for
-# GPT-3 on their benchmarks), not a law. Lesson 5 tests it on the course's small GPT by
-# comparing LoRA ranks.
+# GPT-3 on their benchmarks), not a law. Lesson 5 tests it on the course's small GPT: section
+# 8 compares LoRA ranks, and section 9 ("What LoRA learns") takes the SVD of the update full
+# fine-tuning learns, where nothing is planted.
 #
 # ## Summary
 #

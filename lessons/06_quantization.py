@@ -211,6 +211,125 @@ for bits in (8, 4):
               f"{bits + extra:.4f} bits per value")
 
 # %% [markdown]
+# ## 6. Weight outliers and activation outliers
+#
+# Section 3 planted an outlier in a *weight* vector. In trained language models, though, the
+# weights are rarely the problem. LLM.int8 (Dettmers et al., 2022) measured both sides of a
+# linear layer $y = Wx$:
+#
+# * the **weights** are close to normal: few values far out, which blockwise absmax (and
+#   lesson 7's NF4, built for normal data) handles well;
+# * the **activations** $x$, the hidden states entering each linear layer, are not: from
+#   about 6.7B parameters on, a handful of **feature dimensions** (about 6 of thousands) carry
+#   magnitudes up to 20 times the rest, in nearly every layer and for most tokens.
+#
+# Because an activation outlier sits in a *column* (a feature) and appears in *every row* (a
+# token), a scale per token does not isolate it. We measure both on the course's `pydocs` GPT
+# (lesson 11's base, 2.2M parameters pretrained on Python's documentation), on held-out text.
+# For the weights: the kurtosis $E[(w-\mu)^4]/\sigma^4$ (3 for a normal distribution) and the
+# largest $|z| = |w - \mu|/\sigma$. For the activations: `outliers.feature_absmax`, the largest
+# $|x|$ of each feature dimension over all tokens, and the two largest dimensions as a
+# multiple of the median dimension.
+
+# %%
+from pedaPEFT import outliers
+
+text_model, text = outliers.pydocs_sample(batch_size=8)
+inputs = outliers.linear_inputs(text_model, text)
+print(f"{text.numel():,} tokens of held-out documentation")
+print("layer            weight: kurtosis  max|z|   input: largest dims (max |x| / median dim)")
+for block in range(text_model.config.n_layer):
+    for name in ("attn.q", "mlp.fc"):
+        layer_name = f"blocks.{block}.{name}"
+        w = text_model.get_submodule(layer_name).weight.detach()
+        z = (w - w.mean()) / w.std()
+        peaks = outliers.feature_absmax(inputs[layer_name])
+        top = torch.topk(peaks, 2)
+        ratios = ", ".join(f"{i}: {v / peaks.median():.1f}x"
+                           for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        print(f"{layer_name:<16} {outliers.kurtosis(w):>16.2f}  {float(z.abs().max()):>6.1f}   "
+              f"{ratios}")
+normal = torch.randn(w.numel(), generator=torch.Generator().manual_seed(0))
+print(f"{'normal sample':<16} {outliers.kurtosis(normal):>16.2f}  "
+      f"{float(normal.abs().max() / normal.std()):>6.1f}   (as many values as mlp.fc)")
+
+# %% [markdown]
+# The weights are close to normal: kurtosis 3.05 to 3.59 (a normal sample: 3.00), and the
+# farthest weight of a layer lies 3.9 to 5.4 standard deviations out, against 4.6 for a normal
+# sample as large as `mlp.fc` — a slightly heavy tail, nothing like section 3's weight 50
+# standard deviations out. The inputs of the linear layers are mild
+# too — the LayerNorm before every block rescales each token — but one dimension stands out:
+# **144** is the largest input feature of `attn.q` in blocks 1, 2 and 3. The residual stream,
+# before the LayerNorm, shows where it comes from (`outliers.outlier_features` lists the
+# dimensions at least 3 times the median's largest $|x|$):
+
+# %%
+for block, hidden in enumerate(outliers.block_outputs(text_model, text)):
+    peaks = outliers.feature_absmax(hidden)
+    print(f"after block {block}: outlier dims {outliers.outlier_features(hidden, factor=3.0)}, "
+          f"largest |x| {float(peaks.max()):.1f}, median dimension {float(peaks.median()):.1f}")
+
+# %% [markdown]
+# One feature dimension, the same in every later block, growing with depth to about three
+# times the median: the seed of what LLM.int8 describes, in a 2.2M-parameter model. The
+# magnitudes of LLM.int8's outliers (20 times the rest, surviving the LayerNorm) appear only
+# in models of billions of parameters, which this course cannot train. To see what such
+# outliers do to quantization, the next cell **constructs** them: activations with three
+# feature dimensions 20 times larger than the others in every token, and normal weights.
+
+# %%
+generator = torch.Generator().manual_seed(0)
+n_tokens, d_in, d_out = 256, 512, 512
+X = torch.randn(n_tokens, d_in, generator=generator)
+outlier_dims = [7, 100, 333]
+X[:, outlier_dims] *= 20.0  # CONSTRUCTED: three feature dimensions 20x larger, in every token
+W = torch.randn(d_out, d_in, generator=generator) * 0.02
+Y = X @ W.T
+
+
+def rowwise_int8(t):
+    """Absmax int8 with one scale per row (per token of X, per output of W), dequantized."""
+    q, scale = quant.blockwise_absmax_quantize(t, bits=8, blocksize=t.shape[1])
+    return quant.blockwise_absmax_dequantize(q, scale, blocksize=t.shape[1]).reshape(t.shape)
+
+
+def relative_error(approx):
+    """||approx - X W^T||_F / ||X W^T||_F."""
+    return float((approx - Y).norm() / Y.norm())
+
+
+regular = [i for i in range(d_in) if i not in outlier_dims]
+X_int8 = rowwise_int8(X)
+decomposed = (rowwise_int8(X[:, regular]) @ rowwise_int8(W[:, regular]).T
+              + X[:, outlier_dims] @ W[:, outlier_dims].T)
+print("relative error of X W^T with")
+print(f"  weights int8 (per output row), activations float:   "
+      f"{relative_error(X @ rowwise_int8(W).T):.4f}")
+print(f"  activations int8 (per token), weights float:        {relative_error(X_int8 @ W.T):.4f}")
+print(f"  both int8:                                          "
+      f"{relative_error(X_int8 @ rowwise_int8(W).T):.4f}")
+print(f"  outlier dimensions in 16 bits, the rest int8:       {relative_error(decomposed):.4f}")
+weight_only = (X.to(torch.bfloat16) @ rowwise_int8(W).to(torch.bfloat16).T).float()
+print(f"  weights int8, multiplied in bfloat16 (weight-only): {relative_error(weight_only):.4f}")
+lost = (X_int8 - X)[:, regular].abs().mean() / X[:, regular].abs().mean()
+print(f"mean error of the regular activations under per-token int8: {100 * float(lost):.1f} % "
+      "of their size")
+
+# %% [markdown]
+# Quantizing the normal weights costs little; quantizing the activations costs several times
+# more, because every token's scale is set by its three outlier values and the other 509
+# features get a step 20 times too coarse. LLM.int8's remedy is the line "outlier dimensions
+# in 16 bits": keep the few outlier dimensions in 16 bits and multiply only the rest in int8.
+#
+# **QLoRA avoids the problem altogether: it quantizes the weights only** — the line
+# "weight-only", with NF4 in place of int8. The frozen base weights are *stored* in 4 bits
+# (lessons 7 and 8); for every multiplication they are dequantized to the compute dtype,
+# bfloat16, and multiplied with bfloat16 activations. The activations, the gradients and the
+# LoRA factors are never quantized, so activation outliers pass through at full bfloat16
+# range (lesson 9's `QuantLinear.forward` is exactly this: `x.to(compute_dtype)`, then the
+# product with the dequantized weight; the test suite checks it).
+
+# %% [markdown]
 # ## Summary
 #
 # * Absmax: $c = (2^{b-1}-1)/\max|X|$, $q = \text{round}(cX)$, $\hat X = q/c$; error at most
@@ -218,6 +337,9 @@ for bits in (8, 4):
 # * One outlier inflates the step for the whole tensor.
 # * Blocks of $B$ values with their own absmax confine it, at $32/B$ extra bits per parameter
 #   (0.5 bits for $B = 64$).
+# * Trained weights are near normal; the outliers of large models are in a few *feature
+#   dimensions of the activations* (LLM.int8). QLoRA quantizes the weights only and computes
+#   in bfloat16: activations are never quantized.
 #
 # Lesson 7 replaces the evenly spaced integer levels with 16 levels placed where normally
 # distributed weights actually are: NF4.

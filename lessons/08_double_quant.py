@@ -105,25 +105,98 @@ print("first-level absmax:", tuple(absmax.shape), absmax.dtype,
 # as many negative as positive levels) would waste its negative half on them, so QLoRA
 # **subtracts the mean** first ("we subtract the mean from $c_2$ … to center the values around
 # zero and make use of symmetric quantization"). The centred values are then quantized
-# blockwise, 256 at a time, with the signed 8-bit **dynamic map**:
+# blockwise, 256 at a time, with the signed 8-bit **dynamic map**.
 
 # %%
 offset = absmax.mean()
 centred = absmax - offset
-dynamic = quant.dynamic_code()
 print(f"offset (mean absmax) = {float(offset):.6f}; centred range "
       f"[{float(centred.min()):.5f}, {float(centred.max()):.5f}]")
-print("dynamic map:", dynamic.numel(), "levels,", int((dynamic < 0).sum()), "negative, 1 zero,",
-      int((dynamic > 0).sum()), "positive")
+
+# %% [markdown]
+# ### The dynamic map, built by hand
+#
+# The dynamic map (Dettmers, 2015, "8-bit approximations for parallelism in deep learning")
+# is a small floating-point format with a **decimal** exponent. Read an 8-bit code as
+#
+# * 1 sign bit;
+# * then a run of $z$ zero bits, $z = 0 \dots 6$: the exponent, the value is scaled by
+#   $10^{-z}$;
+# * then a 1, the indicator bit that ends the run;
+# * then the remaining $7 - 1 - z = 6 - z$ bits: a linear **fraction** $f$, one of
+#   $2^{6-z}$ levels evenly spread over $(0.1, 1)$ — the midpoints of $2^{6-z}$ equal bins
+#   of $[0.1, 1]$.
+#
+# Many zeros (a small exponent) leave few fraction bits: there are 64 levels between 0.1 and
+# 1 but a single one between $10^{-7}$ and $10^{-6}$. bitsandbytes
+# (`create_dynamic_map(signed=True)`) lists the values $\pm 10^{-z} f$ of every $z$, adds 0
+# and 1, and sorts them; a code is the **index** into that sorted table of 256 values. We
+# compute each decade in float32, with `torch.linspace`, as bitsandbytes does:
+
+# %%
+levels = [0.0, 1.0]
+print(" z  fraction bits  values  smallest    largest")
+for zeros in range(7):
+    fraction_bits = 6 - zeros
+    edges = torch.linspace(0.1, 1.0, 2**fraction_bits + 1, dtype=torch.float32)
+    fractions = (edges[:-1] + edges[1:]) / 2  # midpoints of the 2^(6-z) bins of [0.1, 1]
+    magnitudes = 10.0**-zeros * fractions
+    levels += magnitudes.tolist() + (-magnitudes).tolist()
+    print(f"{zeros:>2}  {fraction_bits:>13}  {2 * magnitudes.numel():>6}  "
+          f"{float(magnitudes.min()):.4e}  {float(magnitudes.max()):.4e}")
+dynamic_by_hand = torch.tensor(sorted(levels), dtype=torch.float32)
+print("values:", dynamic_by_hand.numel(), "= 2 x (1 + 2 + ... + 64) + 0 + 1")
+print("negative:", int((dynamic_by_hand < 0).sum()), "| zero:", int((dynamic_by_hand == 0).sum()),
+      "| positive:", int((dynamic_by_hand > 0).sum()))
+
+# %% [markdown]
+# 127 negative values, 0 and 128 positive ones: the extra 1.0 makes the map asymmetric, so
+# $-1$ has no code (the most negative value is $-0.99297$). The package's map, which the rest
+# of the lesson uses, must be *exactly* this one, bit for bit:
+
+# %%
+dynamic = quant.dynamic_code()
+print("hand-built map == quant.dynamic_code():", torch.equal(dynamic_by_hand, dynamic))
 print("smallest magnitudes:", [f"{v:.2e}" for v in dynamic[128:132].tolist()])
 print("largest:", [f"{v:.4f}" for v in dynamic[-4:].tolist()], "| most negative:",
       f"{float(dynamic[0]):.5f}")
+in_float64 = [0.0, 1.0]
+for zeros in range(7):
+    edges64 = torch.linspace(0.1, 1.0, 2 ** (6 - zeros) + 1, dtype=torch.float64)
+    magnitudes64 = 10.0**-zeros * (edges64[:-1] + edges64[1:]) / 2
+    in_float64 += magnitudes64.tolist() + (-magnitudes64).tolist()
+rounded_once = torch.tensor(sorted(in_float64), dtype=torch.float32)
+steps_apart = (rounded_once.view(torch.int32) - dynamic.view(torch.int32)).abs()
+print(f"the same map computed in float64, rounded once: {int((steps_apart > 0).sum())} of 256 "
+      f"values differ, by at most {int(steps_apart.max())} float32 step(s)")
 
 # %% [markdown]
-# The dynamic map is a small floating-point format: for $e = 0 \dots 6$ it has $2^e$ levels
-# $\pm 10^{e-6} f$ with the fraction $f$ evenly spaced in $(0.1, 1)$ — fine steps near zero,
-# coarse near ±1 — plus 0 and 1. The paper calls the second level "8-bit Floats";
-# bitsandbytes uses this map, not an FP8 (E4M3/E5M2) format.
+# "Exactly" is meant literally: computed in float64 and rounded to float32 only at the end,
+# the same formula lands one float32 step away in some entries. Stored codes index the table,
+# so a reimplementation must compute it the way bitsandbytes does (float32 `linspace`,
+# midpoints, then the power of ten) — as `quant.dynamic_code` does, and as the test suite
+# checks against bitsandbytes itself.
+#
+# **The same data type in 8-bit optimizers.** bitsandbytes' 8-bit Adam stores both optimizer
+# states blockwise in 8 bits with it: the first moment $m$ (signed) with the map above, the
+# second moment $v \ge 0$ with the **unsigned** map (`create_dynamic_map(signed=False)`),
+# where no sign is needed and the sign bit becomes one more fraction bit: $2^{7-z}$ values per
+# decade, $2 + 4 + \dots + 128 = 254$ positive values, plus 0 and 1.
+
+# %%
+unsigned_levels = [0.0, 1.0]
+for zeros in range(7):
+    edges = torch.linspace(0.1, 1.0, 2 ** (7 - zeros) + 1, dtype=torch.float32)
+    unsigned_levels += (10.0**-zeros * (edges[:-1] + edges[1:]) / 2).tolist()
+unsigned_by_hand = torch.tensor(sorted(unsigned_levels), dtype=torch.float32)
+print("unsigned map:", unsigned_by_hand.numel(), "values, all >= 0:",
+      bool((unsigned_by_hand >= 0).all()))
+print("hand-built == quant.dynamic_code(signed=False):",
+      torch.equal(unsigned_by_hand, quant.dynamic_code(signed=False)))
+
+# %% [markdown]
+# Fine steps near zero, coarse ones near ±1, over seven decades of magnitude: the paper calls
+# the second level "8-bit Floats"; bitsandbytes uses this map, not an FP8 (E4M3/E5M2) format.
 #
 # Now quantize: each block of 256 centred values is divided by its own absmax (a float32, the
 # "second-level constant") and every value becomes the index of the nearest map level.
@@ -239,6 +312,9 @@ print(f"8-bit codes that differ: {100 * float(moved):.2f} %")
 #
 # * DQ stores each 64-block absmax as an 8-bit code (mean subtracted, dynamic map) plus one
 #   float32 scale per 256 codes: $8/64 + 32/(64 \cdot 256) = 0.127$ bits instead of 0.5.
+# * The dynamic map is a decimal-exponent float format (sign, a run of zeros for $10^{-z}$, an
+#   indicator bit, $6 - z$ fraction bits), built here by hand and equal to `quant.dynamic_code()`
+#   bit for bit; its unsigned variant (`signed=False`) holds 8-bit Adam's second moment.
 # * Measured on a 4096 × 4096 weight: 4.1275 bits per parameter with DQ, 4.5003 without.
 # * The 65B saving is 3.03 GB; the extra weight error is tiny next to the 4-bit rounding.
 #

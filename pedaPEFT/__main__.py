@@ -391,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     site.set_defaults(run=command_site)
 
     lora_experiment = commands.add_parser(
-        "lora-experiment", help="fine-tuning sweeps of lessons 4-5 (adapters, LoRA tables 5-6)"
+        "lora-experiment", help="lessons 4-5: adapters, LoRA tables 5-6, what LoRA learns"
     )
-    lora_experiment.add_argument("name", choices=["adapters", "tables"])
+    lora_experiment.add_argument("name", choices=["adapters", "tables", "learns"])
     lora_experiment.add_argument("--scale", choices=["small", "full"], default="small")
     lora_experiment.add_argument("--task", default=None, choices=TASKS,
                                  help="downstream task (default: shift)")

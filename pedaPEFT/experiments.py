@@ -236,7 +236,7 @@ def run_many(
     return rows
 
 
-EXPERIMENTS = ("adapters", "tables", "qlora_table3", "qlora_qv")
+EXPERIMENTS = ("adapters", "tables", "qlora_table3", "qlora_qv", "learns")
 
 
 def experiment(name: str, scale_name: str = "small", task: str | None = None, log=None) -> dict:
@@ -247,7 +247,11 @@ def experiment(name: str, scale_name: str = "small", task: str | None = None, lo
     LoRA on {W_q, W_v}, r = 4, used for every table entry; ``qlora_qv``: for each of its two
     rows); ``qlora_table3`` uses ``TABLE3_LR``. Then every setting runs with every seed and is
     scored on the test split. The task defaults to ``shift`` (``reverse`` for the QLoRA ones).
+    ``learns`` is :func:`pedaPEFT.lora_learns.experiment` (lesson 5, section 9).
     """
+    if name == "learns":
+        from pedaPEFT import lora_learns
+        return lora_learns.experiment(scale_name, task, log)
     if scale_name not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale_name!r}")
     scale = SCALES[scale_name]

@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from pedaPEFT import figures_quant
+from pedaPEFT import figures_quant, lora_learns
 from pedaPEFT.figures_quant import (  # noqa: F401 (lessons 6-10 call them as figures.X)
     QUANT_BLOCKSIZES,
     double_quant_absmax,
@@ -25,9 +25,10 @@ from pedaPEFT.figures_quant import (  # noqa: F401 (lessons 6-10 call them as fi
     quant_error_vs_blocksize,
 )
 from pedaPEFT.files import atomic_write
+from pedaPEFT.lora_learns import lora_learned_updates  # noqa: F401 (lesson 5 calls figures.X)
 
 FigureFunction = Callable[[], Figure]
-FIGURES: dict[str, FigureFunction] = dict(figures_quant.FIGURES)
+FIGURES: dict[str, FigureFunction] = {**figures_quant.FIGURES, **lora_learns.FIGURES}
 
 STYLE = {
     "figure.dpi": 100,

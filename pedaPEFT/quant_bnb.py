@@ -50,7 +50,10 @@ def to_bnb_state_dict(state: QuantState, prefix: str = "") -> dict[str, torch.Te
 
 
 def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> QuantState:
-    """Read the 4-bit weight of a bitsandbytes ``Linear4bit`` state dict into a QuantState."""
+    """Read the 4-bit weight of a bitsandbytes ``Linear4bit`` state dict into a QuantState.
+
+    Introduced in lesson 12, section "2. Loading it in 4 bits".
+    """
     blob_keys = [k for k in sd if k.startswith(f"{prefix}weight.quant_state.bitsandbytes__")]
     if len(blob_keys) != 1 or f"{prefix}weight" not in sd:
         raise ValueError(

@@ -36,23 +36,29 @@ DQ_ROUNDINGS = ("nearest", "cpu_lut")
 _LUT_SIZE = 65536
 
 
-def dynamic_code() -> torch.Tensor:
-    """The signed 8-bit dynamic map (256 float32 values, ascending) used for double
-    quantization; lesson 8, section 2.
+def dynamic_code(signed: bool = True) -> torch.Tensor:
+    """The 8-bit dynamic map (256 float32 values, ascending): signed for double quantization
+    and the first moment of 8-bit optimizers, unsigned for their second moment; lesson 8,
+    section 2.
 
-    A small floating-point format: for ``e = 0..6`` there are ``2^e`` levels ``±10^(e-6) f``,
-    the fraction ``f`` taking the midpoints of ``linspace(0.1, 1, 2^e + 1)`` (evenly spaced in
-    (0.1, 1)); add 0 and 1. That is 127 negative values (the smallest is -0.99297, there is no
-    -1), 0, and 128 positive values up to 1: fine steps near zero, coarse steps near ±1.
+    A small floating-point format with a decimal exponent: for ``e = 0..6`` there are ``2^e``
+    levels ``±10^(e-6) f`` (``2^(e+1)`` levels ``10^(e-6) f`` when unsigned, the sign bit
+    becoming one more fraction bit), the fraction ``f`` taking the midpoints of
+    ``linspace(0.1, 1, levels + 1)`` (float32, evenly spaced in (0.1, 1)); add 0 and 1.
+    Signed: 127 negative values (the smallest is -0.99297, there is no -1), 0, and 128
+    positive values up to 1. Unsigned: 0 and 255 positive values. Fine steps near zero,
+    coarse steps near 1.
 
     Introduced in lesson 8, section "2. The second level, step by step".
     """
     levels: list[float] = [0.0, 1.0]
     for e in range(7):
-        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
-        f = (edges[:-1] + edges[1:]) / 2.0  # 2^e fractions
+        n_fractions = 2**e if signed else 2 ** (e + 1)
+        edges = torch.linspace(0.1, 1, n_fractions + 1, dtype=torch.float32)
+        f = (edges[:-1] + edges[1:]) / 2.0
         levels += ((10 ** (e - 6)) * f).tolist()  # positive levels of exponent e
-        levels += (-(10 ** (e - 6)) * f).tolist()  # and their negatives
+        if signed:
+            levels += (-(10 ** (e - 6)) * f).tolist()  # and their negatives
     return torch.tensor(sorted(levels), dtype=torch.float32)
 
 

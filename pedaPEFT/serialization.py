@@ -192,6 +192,8 @@ def load_lora_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     ``r``, α, dropout or rsLoRA is refused, naming both values). All or nothing: the config
     and every tensor (keys, shapes, finite values) are checked before the model changes, and
     nothing is allocated for shapes the model does not have. Returns the LoRA module names.
+
+    Introduced in lesson 12, section "6. Saving and loading adapters".
     """
     directory = Path(path)
     finish_interrupted_write(directory)

@@ -69,6 +69,18 @@ def test_dynamic_code_structure():
     assert float(code[201]) == pytest.approx(0.247656241, rel=1e-8)
 
 
+def test_unsigned_dynamic_code_structure():
+    code = quant.dynamic_code(signed=False)
+    assert code.shape == (256,) and code.dtype == torch.float32
+    assert bool((torch.diff(code) > 0).all())
+    assert code[0] == 0 and code[255] == 1.0 and (code > 0).sum() == 255
+    # the sign bit becomes a fraction bit: twice the levels per decade of the signed map
+    signed = quant.dynamic_code()
+    for low, high in ((1e-6, 1e-5), (0.1, 1.0)):
+        in_decade = ((code >= low) & (code < high)).sum()
+        assert in_decade == 2 * ((signed >= low) & (signed < high)).sum()
+
+
 def test_nearest_code_index_ties_go_to_the_lower_code():
     code = quant.nf4_code()
     midpoint = (code[7] + code[8]) / 2

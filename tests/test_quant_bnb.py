@@ -4,12 +4,19 @@ Compared bit for bit: the code tables, the packed bytes, the absmax (and with do
 quantization the 8-bit absmax codes, the offset and the second-level scales), the dequantized
 outputs, and the Linear4bit state dict in both directions. The two documented differences
 (second-level rounding, the stored absmax of a trailing all-zero block) are tested explicitly.
+
+bitsandbytes' CPU *dequantization* is compared only where it is right. On a processor with
+AVX-512 it reads row-wise scales for 2-D weights whose width is a multiple of 16 but not of
+the block size (``pedaPEFT.bnb_cpu``, lesson 12, section 8); there the packed bytes and scales
+are still compared bit for bit, and the tests check that bitsandbytes' output is the row-wise
+reading of those same bytes, while pedaPEFT keeps the flat blocks of the definition (and of
+bitsandbytes' CUDA kernels: tests/test_quant_bnb_gpu.py).
 """
 
 import pytest
 import torch
 
-from pedaPEFT import quant
+from pedaPEFT import bnb_cpu, quant
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -17,7 +24,7 @@ F = pytest.importorskip("bitsandbytes.functional")
 pytestmark = pytest.mark.reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SHAPES = [(64,), (99,), (37, 113), (256, 512), (3, 5, 7), (4133,), (70001,)]
+SHAPES = [(64,), (99,), (37, 113), (256, 512), (3, 5, 7), (4133,), (70001,), (64, 48), (40, 96)]
 
 
 def weight(shape, dtype, seed=0):
@@ -25,15 +32,38 @@ def weight(shape, dtype, seed=0):
     return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
 
-def bnb_dequant(packed, state, shape):
-    # bitsandbytes' CPU kernel returns a 1-D tensor as (1, n); compare in the original shape.
-    return F.dequantize_4bit(packed, state).reshape(shape)
+def cpu_reads_flat_blocks(shape, blocksize=64):
+    """Whether bitsandbytes' CPU dequantization scales every element by its own block's absmax
+    on this machine, measured (a 1-D weight is one row: always flat)."""
+    if len(shape) != 2:
+        return True
+    return torch.equal(bnb_cpu.measured_scale_index(shape, blocksize),
+                       bnb_cpu.flat_scale_index(shape, blocksize))
+
+
+def check_dequant(ours, packed, state, shape, blocksize=64):
+    """Ours equals bitsandbytes' CPU dequantization where that reads flat blocks; elsewhere
+    bitsandbytes' output is the row-wise reading of the same bytes, and ours is not."""
+    theirs = F.dequantize_4bit(packed, state).reshape(shape)  # a 1-D weight comes back (1, n)
+    if cpu_reads_flat_blocks(tuple(shape), blocksize):
+        assert torch.equal(quant.dequantize_4bit(ours), theirs)
+        return
+    rows = bnb_cpu.row_scale_index(tuple(shape), blocksize)
+    assert torch.equal(bnb_cpu.measured_scale_index(tuple(shape), blocksize), rows)
+    scales = state.absmax.float()
+    if state.nested:
+        scales = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    values = ours.code[quant.unpack_4bit(ours.packed, rows.numel()).long()].reshape(shape)
+    expected = (values * scales[rows]).to(theirs.dtype)
+    assert torch.equal(theirs, expected)
+    assert not torch.equal(quant.dequantize_4bit(ours), theirs)
 
 
 def test_code_tables_equal_bitsandbytes():
     assert torch.equal(quant.nf4_code(), F.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(quant.fp4_code(), F.get_4bit_type("fp4", device="cpu"))
     assert torch.equal(quant.dynamic_code(), F.create_dynamic_map(signed=True))
+    assert torch.equal(quant.dynamic_code(signed=False), F.create_dynamic_map(signed=False))
     normal_map = F.create_normal_map(offset=quant.NF4_OFFSET, use_extra_value=True)
     assert torch.equal(torch.unique(normal_map), quant.nf4_code())
 
@@ -47,7 +77,7 @@ def test_quantize_without_double_quant_is_bit_exact(quant_type, dtype, shape):
     ours = quant.quantize_4bit(w, quant_type=quant_type, double_quant=False)
     assert torch.equal(ours.packed, packed.reshape(-1))
     assert torch.equal(ours.absmax, state.absmax)
-    assert torch.equal(quant.dequantize_4bit(ours), bnb_dequant(packed, state, shape))
+    check_dequant(ours, packed, state, shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -63,7 +93,7 @@ def test_double_quant_with_cpu_lut_is_bit_exact(quant_type, dtype, shape):
     assert torch.equal(ours.nested_absmax, state.state2.absmax)
     assert torch.equal(ours.nested_code, state.state2.code)
     assert ours.dq_blocksize == state.state2.blocksize == 256
-    assert torch.equal(quant.dequantize_4bit(ours), bnb_dequant(packed, state, shape))
+    check_dequant(ours, packed, state, shape)
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 1024])
@@ -73,7 +103,7 @@ def test_other_blocksizes_are_bit_exact(blocksize):
                                     compress_statistics=True)  # fmt: skip
     ours = quant.quantize_4bit(w, blocksize=blocksize, dq_rounding="cpu_lut")
     assert torch.equal(ours.packed, packed.reshape(-1)) and torch.equal(ours.absmax, state.absmax)
-    assert torch.equal(quant.dequantize_4bit(ours), bnb_dequant(packed, state, w.shape))
+    check_dequant(ours, packed, state, w.shape, blocksize)
 
 
 def test_nearest_dq_rounding_differs_from_the_cpu_lut_by_at_most_one_code():
@@ -100,7 +130,7 @@ def test_zero_blocks_follow_the_cpu_convention_with_the_true_absmax_stored():
     assert state.absmax[1] == 0 and ours.absmax[1] == 0
     assert float(state.absmax[-1]) == pytest.approx(1e-38) and ours.absmax[-1] == 0  # differs
     assert torch.equal(ours.absmax[:-1], state.absmax[:-1])
-    assert torch.equal(quant.dequantize_4bit(ours), bnb_dequant(packed, state, w.shape))
+    check_dequant(ours, packed, state, w.shape)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -155,3 +185,65 @@ def test_we_load_a_linear4bit_with_bfloat16_storage():
     assert state.packed.dtype == torch.uint8 and state.packed.numel() == 48 * 128 // 2
     expected = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert torch.equal(quant.dequantize_4bit(state), expected)
+
+
+# ------------------------------------------------------------------ the CPU map (lesson 12)
+
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+MAP_WIDTHS = (16, 40, 48, 64, 96, 100, 176, 256)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_cpu_scale_map_is_the_flat_blocks_or_the_row_reading(blocksize):
+    wrong_somewhere = False
+    for n in MAP_WIDTHS:
+        shape = (5, n)
+        measured = bnb_cpu.measured_scale_index(shape, blocksize)
+        flat = bnb_cpu.flat_scale_index(shape, blocksize)
+        row_wise = bnb_cpu.row_scale_index(shape, blocksize)
+        if n % 16 or n % blocksize == 0 or not AVX512:
+            assert torch.equal(measured, flat), (shape, blocksize)
+        else:
+            assert torch.equal(measured, row_wise), (shape, blocksize)
+        wrong_somewhere = wrong_somewhere or not torch.equal(measured, flat)
+        assert torch.equal(bnb_cpu.measured_scale_index((1, n), blocksize),
+                           bnb_cpu.flat_scale_index((1, n), blocksize))  # one row: flat
+    assert wrong_somewhere == AVX512
+
+
+@pytest.mark.skipif(not AVX512, reason="bitsandbytes takes its row-wise loop only with AVX-512")
+def test_narrow_rows_dequantize_with_several_times_the_error_on_avx512():
+    wrong = bnb_cpu.compare_nf4((32, 48), 64)
+    assert wrong["same_bytes"] and not wrong["same_weights"] and wrong["wrong_scales"] > 0
+    assert wrong["ratio"] > 2
+    right = bnb_cpu.compare_nf4((32, 128), 64)
+    assert right["same_bytes"] and right["same_weights"] and right["ratio"] == 1.0
+
+
+def test_scale_index_rejects_a_shape_that_is_not_two_positive_integers():
+    for bad in [(3,), (0, 4), (2, 3.0), "4x4", (True, 4)]:
+        with pytest.raises(ValueError, match="shape"):
+            bnb_cpu.row_scale_index(bad, 64)
+
+
+@pytest.mark.skipif(not F.has_avx512bf16(),
+                    reason="Linear4bit repacks for inference only on CPUs with AVX-512 BF16")
+def test_linear4bit_used_once_for_inference_passes_no_gradient_to_its_input():
+    torch.manual_seed(9)
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16).to("cpu")
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+
+    def input_grad():
+        x_train = x.clone().requires_grad_(True)
+        layer.train()
+        layer(x_train).sum().backward()
+        return x_train.grad
+
+    assert input_grad() is not None
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        assert input_grad() is None
+    layer.state_dict()  # saving unpacks the weight again
+    assert input_grad() is not None

@@ -2,7 +2,8 @@
 
 The wheel is built from a copy of the project's sources and installed, not editable, into a
 fresh virtual environment in a temporary folder: PyTorch first (the version this suite runs
-with), then the wheel with its ``lessons`` and ``test`` extras. ``python -m pedaPEFT lessons
+with), then the wheel with its ``lessons``, ``test`` and ``reference`` extras (lesson 12 uses
+transformers, PEFT and bitsandbytes). ``python -m pedaPEFT lessons
 --copy`` copies the lessons into an empty folder, and strict nbval runs them there with the
 environment's own Python, so nothing can come from the checkout. Then pedaPEFT (and ipywidgets,
 which a bare Jupyter kernel may lack) is removed from that environment and lesson 3 runs again:
@@ -78,7 +79,7 @@ def installed(tmp_path_factory):
     torch_version = torch.__version__.split("+")[0]
     pip_install = [python, "-m", "pip", "install", "--quiet", "--no-compile"]
     run([*pip_install, f"torch=={torch_version}"], cwd=work, env=env)
-    run([*pip_install, f"{wheel}[lessons,test]"], cwd=work, env=env)
+    run([*pip_install, f"{wheel}[lessons,test,reference]"], cwd=work, env=env)  # lesson 12
 
     course = work / "course"
     course.mkdir()

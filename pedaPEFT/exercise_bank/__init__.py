@@ -18,11 +18,12 @@ from pedaPEFT.exercise_bank import (
     lesson09,
     lesson10,
     lesson11,
+    lesson12,
 )
 from pedaPEFT.exercise_bank.base import Exercise, Mistake
 
 LESSON_MODULES = (lesson01, lesson02, lesson03, lesson04, lesson05,
-                  lesson06, lesson07, lesson08, lesson09, lesson10, lesson11)
+                  lesson06, lesson07, lesson08, lesson09, lesson10, lesson11, lesson12)
 
 
 def _index(modules) -> dict[str, Exercise]:
