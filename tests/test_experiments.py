@@ -98,7 +98,7 @@ def test_bad_names():
     with pytest.raises(ValueError, match="scale must be one of"):
         experiments.experiment("tables", "huge")
     with pytest.raises(ValueError, match="method must be one of"):
-        experiments.run("prefix", "shift", 0, experiments.SCALES["small"])
+        experiments.run("no-such-method", "shift", 0, experiments.SCALES["small"])
 
 
 def test_alpha_over_r_keeps_update_size_closer_than_no_scaling():
