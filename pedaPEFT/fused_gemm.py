@@ -371,8 +371,7 @@ def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, trans
     return out
 
 
-_TUNED: dict[tuple, dict] = {}
-"""Best launch configuration per (direction, row bucket, shape, dtype, device, constants)."""
+_TUNED: dict[tuple, dict] = {}  # best launch configuration per kernel, rows, shape, constants
 
 
 def _dequantize_then_matmul(a, stored, out_features, in_features, blocksize, dq_blocksize,
@@ -436,6 +435,16 @@ def _matmul(*args):
     return matmul_4bit(*args) if torch.compiler.is_compiling() else matmul_4bit_eager(*args)
 
 
+def _forward(x, lora_A, lora_B, bias, scaling, fmt, stored):
+    """``(y, x2, x2·Aᵀ)``: the output shaped like ``x`` and the two inputs backward needs."""
+    N, K = fmt.out_features, fmt.in_features
+    x2 = x.reshape(-1, K).contiguous()                                      # (M, K)
+    lora_in = F.linear(x2, lora_A)                                          # (M, r)
+    y = _matmul(x2, *stored, N, K, fmt.blocksize, fmt.dq_blocksize, False, bias, lora_in,
+                lora_B, scaling)                                            # (M, N)
+    return y.view(*x.shape[:-1], N), x2, lora_in
+
+
 class QLoRAFunction(torch.autograd.Function):
     """Base and LoRA branch of a QLoRA layer in one node (math in the module docstring).
 
@@ -446,14 +455,10 @@ class QLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, bias, scaling, fmt, *stored):
         """``y = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ`` with ``W`` read from its packed 4-bit storage."""
-        N, K = fmt.out_features, fmt.in_features
-        x2 = x.reshape(-1, K).contiguous()                                  # (M, K)
-        lora_in = F.linear(x2, lora_A)                                      # (M, r)
-        y = _matmul(x2, *stored, N, K, fmt.blocksize, fmt.dq_blocksize, False, bias, lora_in,
-                    lora_B, scaling)                                        # (M, N)
+        y, x2, lora_in = _forward(x, lora_A, lora_B, bias, scaling, fmt, stored)
         ctx.save_for_backward(x2, lora_in, lora_A, lora_B, *stored)
         ctx.fmt, ctx.scaling, ctx.x_shape = fmt, scaling, x.shape
-        return y.view(*x.shape[:-1], N)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -491,9 +496,5 @@ def qlora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return QLoRAFunction.apply(x, layer.lora_A, layer.lora_B, base.bias, layer.scaling,
                                    base.fmt, *base.stored_tensors())
-    fmt = base.fmt
-    x2 = x.reshape(-1, fmt.in_features).contiguous()                        # (M, K)
-    y = matmul_4bit_eager(x2, *base.stored_tensors(), fmt.out_features, fmt.in_features,
-                          fmt.blocksize, fmt.dq_blocksize, False, base.bias,
-                          F.linear(x2, layer.lora_A), layer.lora_B, layer.scaling)  # (M, N)
-    return y.view(*x.shape[:-1], fmt.out_features)
+    return _forward(x, layer.lora_A, layer.lora_B, base.bias, layer.scaling, base.fmt,
+                    base.stored_tensors())[0]
