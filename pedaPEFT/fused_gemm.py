@@ -26,10 +26,12 @@ Two ways to compute ``x · Wᵀ`` and ``g · W`` (kept both, chosen by the numbe
   (paid once) is cheaper. ``FUSED_MAX_ROWS`` holds that crossover, measured on an H200 by
   ``benchmarks/qlora_model_gpu.py``.
 
-Both paths take the same arguments through :func:`matmul_4bit`, registered as the operator
-``torch.ops.pedapeft.matmul_4bit`` so that ``torch.compile`` keeps one opaque node. Without
-CUDA or Triton only the second path exists (the dequantization is then ``kernels``' PyTorch
-path), so the autograd Function is the same code on every device.
+Both paths take the same arguments through :func:`matmul_4bit_eager`. Under ``torch.compile``
+the second path is traced (the compiler launches the dequantization kernel and the GEMMs, and
+fuses what surrounds them) and the first stays one opaque node, the registered operator
+``torch.ops.pedapeft.matmul_4bit``. Without CUDA or Triton only the second path exists (the
+dequantization is then ``kernels``' PyTorch path), so the autograd Function is the same code on
+every device.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pedaPEFT import kernels
+from pedaPEFT import kernels, tuned_launch
 
 try:  # CUDA builds of PyTorch ship Triton; a CPU-only install runs the dequantize path.
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
@@ -61,10 +64,6 @@ ENABLED = True
 """``False`` sends ``QLoRALinear`` back to its unfused path (base Function + LoRA branch)."""
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 if triton is not None:
 
     @triton.jit
@@ -74,7 +73,8 @@ if triton is not None:
         if DOUBLE_QUANT:
             q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
             outer = tl.load(nested_absmax_ptr + block // DQ_BLOCKSIZE, mask=ok, other=0.0)
-            scale = tl.load(nested_code_ptr + q) * outer + tl.load(offset_ptr)
+            # a rounded product, then the sum: never one FMA (kernels' formula, as on the CPU)
+            scale = libdevice.mul_rn(tl.load(nested_code_ptr + q), outer) + tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
         return scale
@@ -158,7 +158,7 @@ if triton is not None:
         power of two >= M (at least 16); above, the large tiles."""
         m = named_args["M"]
         if m <= 64:
-            want = max(16, _next_power_of_2(m))
+            want = max(16, triton.next_power_of_2(m))
             kept = [c for c in configs if c.kwargs["BLOCK_M"] == want]
         else:
             kept = [c for c in configs if c.kwargs["BLOCK_M"] == 128]
@@ -330,19 +330,18 @@ def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, trans
             lora_in, lora_weight, scaling):
     """The fused kernel: a·Wᵀ (+ bias) (+ s·lora_in·Bᵀ), or a·W (+ s·lora_in·A) if transposed
     (the matrix-vector kernel for a forward of at most ``ROWS_KERNEL_MAX`` rows)."""
-    packed, absmax, code, nested_absmax, nested_code, offset = stored
     M = a.shape[0]
     N, K = out_features, in_features
     out = torch.empty(M, K if transposed else N, dtype=a.dtype, device=a.device)
-    double_quant = nested_absmax is not None
+    double_quant = stored[3] is not None  # nested_absmax
     has_lora = lora_in is not None
     rank = lora_in.shape[1] if has_lora else 1
     common = dict(BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double_quant,
-                  HAS_LORA=has_lora, RANK_TILE=max(16, _next_power_of_2(rank)))
-    tensors = (packed, absmax, code, nested_absmax if double_quant else absmax,
-               nested_code if double_quant else absmax, offset if double_quant else absmax)
+                  HAS_LORA=has_lora, RANK_TILE=max(16, triton.next_power_of_2(rank)))
+    # without double quantization absmax stands in for the nested tensors (never read)
+    tensors = stored if double_quant else (*stored[:3], stored[1], stored[1], stored[1])
     lora_args = (lora_in, lora_weight) if has_lora else (a, a)  # never read without LoRA
-    m_bucket = min(_next_power_of_2(M), 1024)
+    m_bucket = min(triton.next_power_of_2(M), 1024)
     if transposed:
         kernel, tiles = _input_grad_kernel, (M, K, "BLOCK_K")
         args = (a, *tensors, *lora_args, out, M, N, K, rank, float(scaling), m_bucket)
@@ -362,23 +361,16 @@ def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, trans
                 triton.cdiv(tiles[1], meta[tiles[2]]))
 
     key = (kernel, m_bucket, N, K, a.dtype, a.device, tuple(sorted(common.items())))
-    tuned = _TUNED.get(key)
-    if tuned is None:  # first use: the autotuner times its configs and launches the best one
-        kernel[grid](*args, enable_fp_fusion=False, **common)
-        _TUNED[key] = kernel.best_config.all_kwargs()
-    else:  # later calls skip the autotuner's Python (tens of us per launch)
-        kernel.fn[grid](*args, enable_fp_fusion=False, **common, **tuned)
+    tuned_launch.launch(kernel, grid, args, common, key)
     return out
-
-
-_TUNED: dict[tuple, dict] = {}  # best launch configuration per kernel, rows, shape, constants
 
 
 def _dequantize_then_matmul(a, stored, out_features, in_features, blocksize, dq_blocksize,
                             transposed, bias, lora_in, lora_weight, scaling):
-    """The same function through one dequantization pass and cuBLAS (any device)."""
-    dense = kernels.dequantize_4bit_eager(*stored, out_features * in_features, blocksize,
-                                          dq_blocksize, a.dtype)
+    """The same function through one dequantization pass and cuBLAS (any device); plain
+    operations and one Triton kernel, which ``torch.compile`` traces and schedules."""
+    dense = kernels.dequantize_4bit_unchecked(*stored, out_features * in_features, blocksize,
+                                              dq_blocksize, a.dtype)
     dense = dense.view(out_features, in_features)
     if transposed:
         out = a @ dense
@@ -398,16 +390,20 @@ def matmul_4bit_eager(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tenso
                       lora_weight: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """``a (M, K) · Wᵀ + bias + scaling · lora_in · lora_weightᵀ`` → (M, N), or with
     ``transposed`` ``a (M, N) · W + scaling · lora_in · lora_weight`` → (M, K); ``W`` (N, K) the
-    4-bit weight of the other arguments (``kernels.dequantize_4bit``'s). ``a`` is 2-D,
-    contiguous. The fused kernel runs for M up to ``FUSED_MAX_ROWS``, else dequantize + cuBLAS.
+    4-bit weight of the other arguments (``kernels.dequantize_4bit_eager``'s, already checked).
+    ``a`` is 2-D, contiguous. The fused kernel runs for M up to ``FUSED_MAX_ROWS``, else
+    dequantize + cuBLAS.
     """
     stored = (packed, absmax, code, nested_absmax, nested_code, offset)
+    args = (a, stored, out_features, in_features, blocksize, dq_blocksize, transposed, bias,
+            lora_in, lora_weight, scaling)
+    fused = _takes_fused(a, transposed, out_features, in_features, blocksize)
+    return (_launch if fused else _dequantize_then_matmul)(*args)
+
+
+def _takes_fused(a, transposed, out_features, in_features, blocksize):
     limit = FUSED_MAX_ROWS["input_grad" if transposed else "forward"]
-    if a.shape[0] <= limit and fused_supported(a, out_features, in_features, blocksize):
-        return _launch(a, stored, out_features, in_features, blocksize, dq_blocksize,
-                       transposed, bias, lora_in, lora_weight, scaling)
-    return _dequantize_then_matmul(a, stored, out_features, in_features, blocksize,
-                                   dq_blocksize, transposed, bias, lora_in, lora_weight, scaling)
+    return a.shape[0] <= limit and fused_supported(a, out_features, in_features, blocksize)
 
 
 @torch.library.custom_op("pedapeft::matmul_4bit", mutates_args=())
@@ -430,9 +426,13 @@ def _(a, packed, absmax, code, nested_absmax, nested_code, offset, out_features,
 
 
 def _matmul(*args):
-    """The registered operator while compiling (one graph node), the plain function otherwise
-    (an operator call costs tens of microseconds of dispatch per call in eager mode)."""
-    return matmul_4bit(*args) if torch.compiler.is_compiling() else matmul_4bit_eager(*args)
+    """:func:`matmul_4bit_eager`, but while compiling the fused kernel runs as the registered
+    operator (one opaque node) and dequantize + cuBLAS is traced into the graph, where the
+    compiler launches the dequantization kernel and the GEMMs itself."""
+    a, transposed = args[0], args[11]
+    if torch.compiler.is_compiling() and _takes_fused(a, transposed, *args[7:10]):
+        return matmul_4bit(*args)
+    return matmul_4bit_eager(*args)
 
 
 def _forward(x, lora_A, lora_B, bias, scaling, fmt, stored):

@@ -14,20 +14,22 @@ Why a module of its own: the QLoRA layer dequantizes every frozen weight twice p
 step (forward, and again in backward instead of keeping the dense copy). Done with plain
 PyTorch ops that is five or six passes over memory; the Triton kernel below reads the packed
 bytes and the scales once and writes the bf16 weight once, which is the least traffic the
-operation allows (about 2.52 bytes per parameter). Both paths sit behind one registered
-operator, ``torch.ops.pedapeft.dequantize_4bit``, so that ``torch.compile`` sees a single opaque
-node (no graph break) and the CPU and CUDA paths can be compared element by element.
+operation allows (about 2.52 bytes per parameter). Both paths are plain functions that
+``torch.compile`` traces: the PyTorch path as ordinary operations, the Triton kernel as a
+user-defined kernel that the compiled graph launches itself (tuned at compile time).
 """
 
 from __future__ import annotations
 
 import torch
 
+from pedaPEFT import tuned_launch
 from pedaPEFT.quant_4bit import check_4bit_layout
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs run the PyTorch path.
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - depends on the installation
     triton = None
 
@@ -99,7 +101,8 @@ if triton is not None:
         if DOUBLE_QUANT:
             q = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
             outer = tl.load(nested_absmax_ptr + blocks // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
-            scale = tl.load(nested_code_ptr + q) * outer + tl.load(offset_ptr)  # [blocks]
+            # mul_rn: a rounded product, never fused with the sum into one FMA (as on the CPU)
+            scale = libdevice.mul_rn(tl.load(nested_code_ptr + q), outer) + tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0)  # [blocks]
         word = blocks[:, None] * WORDS_PER_BLOCK + tl.arange(0, WORDS_PER_BLOCK)[None, :]
@@ -134,7 +137,8 @@ def dequantize_4bit_triton(
     """The same function as ``dequantize_4bit_torch`` as one fused CUDA kernel launch.
 
     The first call per shape times the autotuner's configurations; later calls launch the
-    chosen one directly, without the autotuner's Python (tens of microseconds per call).
+    chosen binary directly (``tuned_launch``). Under ``torch.compile`` the autotuned kernel is
+    traced instead, and tuned by the compiler.
     """
     if not triton_supports(blocksize):
         raise RuntimeError(
@@ -143,7 +147,8 @@ def dequantize_4bit_triton(
         )
     n_blocks = absmax.numel()
     padded_bytes = n_blocks * blocksize // 2
-    if packed.numel() != padded_bytes or packed.data_ptr() % 4:
+    compiling = torch.compiler.is_compiling()
+    if packed.numel() != padded_bytes or (not compiling and packed.data_ptr() % 4):
         # A partial last block (or a misaligned view): copy into whole, aligned words.
         packed = torch.nn.functional.pad(packed.reshape(-1), (0, padded_bytes - packed.numel()))
     out = torch.empty(n, dtype=out_dtype, device=packed.device)  # (n,)
@@ -153,23 +158,18 @@ def dequantize_4bit_triton(
             nested_code if double_quant else unused, offset if double_quant else unused, out, n,
             n_blocks)
     constants = dict(WORDS_PER_BLOCK=blocksize // 8, DQ_BLOCKSIZE=dq_blocksize,
-                     DOUBLE_QUANT=double_quant,
-                     enable_fp_fusion=False)  # product then sum, rounded apart, as on the CPU
-    key = (n_blocks, blocksize, dq_blocksize, double_quant, out_dtype, packed.device)
-    tuned = _TUNED.get(key)
-    if tuned is None:
-        _dequantize_4bit_kernel[
-            lambda meta: (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
-        ](*args, **constants)
-        tuned = _TUNED[key] = _dequantize_4bit_kernel.best_config.all_kwargs()
-    else:
-        grid = (triton.cdiv(n_blocks, tuned["BLOCKS_PER_PROGRAM"]),)
-        _dequantize_4bit_kernel.fn[grid](*args, **constants, **tuned)
+                     DOUBLE_QUANT=double_quant)
+    if compiling:  # traced: the compiled graph launches the kernel, tuned at compile time
+        _dequantize_4bit_kernel[_grid_over(n_blocks)](*args, **constants)
+        return out
+    key = (_dequantize_4bit_kernel, n, n_blocks, blocksize, dq_blocksize, double_quant, out_dtype,
+           packed.device)
+    tuned_launch.launch(_dequantize_4bit_kernel, _grid_over(n_blocks), args, constants, key)
     return out
 
 
-_TUNED: dict[tuple, dict] = {}
-"""The autotuner's choice per (blocks, blocksizes, double quant, dtype, device)."""
+def _grid_over(n_blocks: int):
+    return lambda meta: (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
 
 
 def dequantize_4bit_eager(
@@ -186,21 +186,15 @@ def dequantize_4bit_eager(
 ) -> torch.Tensor:
     """Dequantize a packed 4-bit weight to a flat tensor of ``n`` elements in ``out_dtype``.
 
-    Runs the fused Triton kernel for CUDA tensors (when Triton is installed) and the plain
-    PyTorch formula elsewhere; both compute the formula of this module's docstring. Called
-    directly in eager mode (a registered operator costs tens of microseconds of Python per
-    call, which a training step pays twice per layer); :func:`dequantize_4bit` is the same
-    function registered as an operator for ``torch.compile``.
+    Checks the arguments (``quant_4bit.check_4bit_layout``: shapes, dtypes, no data read),
+    then runs :func:`dequantize_4bit_unchecked`.
     """
     args = (packed, absmax, code, nested_absmax, nested_code, offset, n, blocksize, dq_blocksize)
     check_4bit_layout(*args)
-    if packed.is_cuda and triton_supports(blocksize):
-        return dequantize_4bit_triton(*args, out_dtype)
-    return dequantize_4bit_torch(*args, out_dtype)
+    return dequantize_4bit_unchecked(*args, out_dtype)
 
 
-@torch.library.custom_op("pedapeft::dequantize_4bit", mutates_args=())
-def dequantize_4bit(
+def dequantize_4bit_unchecked(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     code: torch.Tensor,
@@ -212,13 +206,11 @@ def dequantize_4bit(
     dq_blocksize: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """:func:`dequantize_4bit_eager` as ``torch.ops.pedapeft.dequantize_4bit``: one opaque node
-    in a compiled graph, with a shape-only fake implementation for tracing."""
-    return dequantize_4bit_eager(packed, absmax, code, nested_absmax, nested_code, offset, n,
-                                 blocksize, dq_blocksize, out_dtype)
-
-
-@dequantize_4bit.register_fake
-def _(packed, absmax, code, nested_absmax, nested_code, offset, n, blocksize, dq_blocksize,
-      out_dtype):
-    return packed.new_empty(n, dtype=out_dtype)
+    """:func:`dequantize_4bit_eager` without the check, for tensors known to be well formed (a
+    ``QuantLinear``'s buffers, shaped when the layer was built): the fused Triton kernel for
+    CUDA tensors (when Triton is installed), the plain PyTorch formula elsewhere. A QLoRA
+    training step calls it twice per layer, so the microseconds of the check count there."""
+    args = (packed, absmax, code, nested_absmax, nested_code, offset, n, blocksize, dq_blocksize)
+    if packed.is_cuda and triton_supports(blocksize):
+        return dequantize_4bit_triton(*args, out_dtype)
+    return dequantize_4bit_torch(*args, out_dtype)

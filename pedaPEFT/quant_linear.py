@@ -141,22 +141,9 @@ def _dequantize(
         qweight, row_absmax = tensors[:2]  # int8 (out, in), float32 (out,)
         shape = torch.Size((fmt.out_features, fmt.in_features))
         return quant.dequantize_int8(quant.Int8State(qweight, row_absmax, shape, dtype, None))
-    packed, absmax, code, nested_absmax, nested_code, offset = tensors
-    # The registered operator keeps torch.compile graphs whole; eager mode skips its dispatch.
-    dequantize = (
-        kernels.dequantize_4bit if torch.compiler.is_compiling() else kernels.dequantize_4bit_eager
-    )
-    flat = dequantize(  # (out · in,)
-        packed,
-        absmax,
-        code,
-        nested_absmax,
-        nested_code,
-        offset,
-        fmt.out_features * fmt.in_features,
-        fmt.blocksize,
-        fmt.dq_blocksize,
-        dtype,
+    # the layer's own buffers, shaped when it was built: no per-call check
+    flat = kernels.dequantize_4bit_unchecked(  # (out · in,)
+        *tensors, fmt.out_features * fmt.in_features, fmt.blocksize, fmt.dq_blocksize, dtype
     )
     return flat.view(fmt.out_features, fmt.in_features)  # (out, in)
 
@@ -178,6 +165,9 @@ class _DequantLinear(torch.autograd.Function):
             # (..., out) @ (out, in) -> (..., in): dequantized again, not saved
             grad_x = grad_y @ _dequantize(ctx.fmt, ctx.saved_tensors, grad_y.dtype)
         return (grad_x, None, None) + (None,) * len(ctx.saved_tensors)
+
+
+_4BIT_NAMES = ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
 
 
 class QuantLinear(nn.Module):
@@ -278,7 +268,7 @@ class QuantLinear(nn.Module):
                 double_quant=fmt.double_quant,
                 dq_blocksize=dq_blocksize,
             )
-            for name in ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset"):
+            for name in _4BIT_NAMES:
                 value = getattr(state, name)
                 if value is not None:
                     getattr(layer, name).copy_(value.reshape(getattr(layer, name).shape))
@@ -294,12 +284,13 @@ class QuantLinear(nn.Module):
         return cls.from_weight(linear.weight.detach(), linear.bias, **kwargs)
 
     def stored_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The stored weight: ``(qweight, row_absmax)`` for int8, else ``(packed, absmax, code,
+        nested_absmax, nested_code, offset)`` with ``None`` for the nested three without double
+        quantization. Read from the buffer table directly (called on every forward)."""
+        buffers = self._buffers
         if self.fmt.quant_type == "int8":
-            return (self.qweight, self.row_absmax)
-        return tuple(
-            getattr(self, name, None)
-            for name in ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset")
-        )
+            return (buffers["qweight"], buffers["row_absmax"])
+        return tuple(buffers.get(name) for name in _4BIT_NAMES)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight this layer represents, in ``dtype`` (default: float32)."""

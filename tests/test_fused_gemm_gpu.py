@@ -199,3 +199,21 @@ def test_the_no_grad_forward_equals_the_autograd_forward(T, monkeypatch):
     slow = layer(x.requires_grad_(True)).detach()
     assert fast.shape == slow.shape
     assert _relative_error(fast.cpu(), slow.cpu()) < 1e-2
+
+
+@pytest.mark.parametrize("M", [1, 40])
+def test_repeated_launches_and_a_misaligned_input_keep_the_result(M, monkeypatch):
+    """The first launch tunes, the second compiles, later ones launch the compiled kernel
+    (``tuned_launch``); an input 2 bytes off 16-byte alignment needs its own binary."""
+    monkeypatch.setattr(fused_gemm, "FUSED_MAX_ROWS", {"forward": 10**9, "input_grad": 10**9})
+    N, K = 256, 512
+    stored, dense = _quantized(N, K, "nf4", True, 64, seed=3)
+    storage = torch.randn(M * K + 1, device=CUDA, dtype=torch.bfloat16)
+    for a in [storage[: M * K].view(M, K)] * 3 + [storage[1:].view(M, K)] * 3:
+        got = fused_gemm.matmul_4bit_eager(a, *stored, N, K, 64, 256, False, None, None, None,
+                                           1.0)
+        assert _relative_error(got, a.double().cpu() @ dense.T) < 1e-2
+    want = dense.float().bfloat16().view(-1)  # the float32 reference, rounded once
+    for _ in range(3):
+        got = kernels.dequantize_4bit_eager(*stored, N * K, 64, 256, torch.bfloat16)
+        assert torch.equal(got.cpu(), want)

@@ -50,13 +50,13 @@ def _tiny_qlora(quant_type="nf4", seed=0, targets=ALL_LINEAR):
     out_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
-def test_dequantize_op_equals_quant_module(n_blocks, quant_type, double_quant, blocksize,
+def test_dequantize_function_equals_quant_module(n_blocks, quant_type, double_quant, blocksize,
                                            out_dtype, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n_blocks * blocksize, generator=g) * 0.05
     state = quant.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize,
                                 double_quant=double_quant)
-    ours = torch.ops.pedapeft.dequantize_4bit(
+    ours = kernels.dequantize_4bit_eager(
         state.packed, state.absmax, state.code, state.nested_absmax, state.nested_code,
         state.offset, w.numel(), blocksize, state.dq_blocksize or 256, out_dtype,
     )
