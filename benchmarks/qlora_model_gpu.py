@@ -383,6 +383,21 @@ def peak_above(fn):
     return torch.cuda.max_memory_allocated() - base
 
 
+def gpu_busy(fn):
+    """Seconds the GPU spends in kernels during one call of ``fn`` (profiler, after warm-up):
+    the eager step time minus this is time the GPU waited for the host."""
+    if not torch.cuda.is_available():
+        return 0.0
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) * 1e-6
+
+
 def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
     gib = 2**30
     if bnb is None and "bnb_qlora" in methods:
@@ -398,22 +413,27 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
     measured = {}
     for T in train_T:
         idx = torch.randint(0, config.vocab_size, (1, T), device=device)
-        times, peaks = {}, {}
+        times, peaks, busy = {}, {}, {}
         for m, run in runs.items():
             if m == "ours_qlora_unfused" and T not in (train_T[0], 2048):
                 continue
             try:
                 peaks[m] = peak_above(lambda run=run, idx=idx: run.step(idx))
                 times[m] = bench(lambda run=run, idx=idx: run.step(idx), rep_ms=1500)
+                busy[m] = gpu_busy(lambda run=run, idx=idx: run.step(idx))
             except torch.OutOfMemoryError:
                 NOTES.append(f"T={T}: {LABELS[m]} ran out of memory")
                 empty_cache()
-        measured[T] = {"step_s": times, "peak_above_static": peaks}
+        measured[T] = {"step_s": times, "peak_above_static": peaks, "gpu_busy_s": busy}
         ref = times.get("peft_lora")
         for m, t in times.items():
             row(f"train T={T}", f"{LABELS[m]}: step time, tokens/s, peak above static",
                 f"{t * 1e3:.2f} ms ({t / ref:.3f}), {T / t:,.0f} tok/s, "
                 f"{peaks[m] / gib:.3f} GiB")
+        for m, t in busy.items():
+            row(f"train T={T}", f"{LABELS[m]}: GPU busy per step (sum of kernel times, one "
+                "profiled step) / eager step time", f"{t * 1e3:.2f} ms / {times[m] * 1e3:.2f} ms "
+                f"({t / times[m]:.2f})")
         if "ours_qlora" in times:
             q = times["ours_qlora"]
             for base in ("peft_lora", "ours_lora"):

@@ -21,7 +21,7 @@ import torch
 Grid = Callable[[dict[str, Any]], tuple[int, ...]]
 
 _TUNED: dict[tuple, dict[str, Any]] = {}
-"""The autotuner's choice (constexprs and launch options) per caller's key."""
+"""Per caller's key: its constexprs and the autotuner's choice (constexprs, launch options)."""
 
 _COMPILED: dict[tuple, tuple[Any, tuple[Any, ...]] | None] = {}
 """Per caller's key and argument specialization: the compiled kernel and the constexpr values
@@ -39,9 +39,9 @@ def launch(kernel: Any, grid: Grid, args: tuple, constants: dict[str, Any], key:
     tuned = _TUNED.get(key)
     if tuned is None:  # first call: the autotuner times its configurations, launches the best
         kernel[grid](*args, **constants)
-        _TUNED[key] = kernel.best_config.all_kwargs()
+        _TUNED[key] = {**constants, **kernel.best_config.all_kwargs()}
         return
-    blocks = grid({**constants, **tuned})
+    blocks = grid(tuned)
     blocks = (*blocks, 1, 1)[:3]
     specialization = (key, tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args
                                  if isinstance(a, torch.Tensor)))
@@ -51,16 +51,15 @@ def launch(kernel: Any, grid: Grid, args: tuple, constants: dict[str, Any], key:
             compiled, tail = found
             compiled[blocks](*args, *tail)
             return
-        kernel.fn[blocks](*args, **constants, **tuned)
+        kernel.fn[blocks](*args, **tuned)
         return
-    compiled = kernel.fn[blocks](*args, **constants, **tuned)  # compiles on first use
+    compiled = kernel.fn[blocks](*args, **tuned)  # compiles on first use
     compiled = compiled.result() if hasattr(compiled, "result") else compiled
-    values = {**constants, **tuned}
     names = getattr(kernel.fn, "arg_names", ())[len(args):]
     # Since Triton 3.3 a compiled kernel takes every parameter, constexprs included.
     direct = (_passes_constexprs() and hasattr(compiled, "__getitem__")
-              and all(name in values for name in names))
-    _COMPILED[specialization] = (compiled, tuple(values[n] for n in names)) if direct else None
+              and all(name in tuned for name in names))
+    _COMPILED[specialization] = (compiled, tuple(tuned[n] for n in names)) if direct else None
 
 
 def _passes_constexprs() -> bool:

@@ -212,7 +212,7 @@ def test_repeated_launches_and_a_misaligned_input_keep_the_result(M, monkeypatch
     for a in [storage[: M * K].view(M, K)] * 3 + [storage[1:].view(M, K)] * 3:
         got = fused_gemm.matmul_4bit_eager(a, *stored, N, K, 64, 256, False, None, None, None,
                                            1.0)
-        assert _relative_error(got, a.double().cpu() @ dense.T) < 1e-2
+        assert _relative_error(got.cpu(), a.double().cpu() @ dense.T) < 1e-2
     want = dense.float().bfloat16().view(-1)  # the float32 reference, rounded once
     for _ in range(3):
         got = kernels.dequantize_4bit_eager(*stored, N * K, 64, 256, torch.bfloat16)
