@@ -5,7 +5,7 @@
 
 The model is pedaPEFT's GPT cut to 4 layers at LLaMA-8B width (d = 4096, 32 heads, MLP
 16,384, vocabulary 32,000, B = 1), LoRA r = 16, α = 16 on q, k, v, o, fc and proj, bf16
-everywhere. Four methods live in this one process and are measured interleaved:
+everywhere. Four methods live in this one process and are timed one after another at each size:
 
     PEFT LoRA bf16 | pedaPEFT LoRA bf16 | bitsandbytes + PEFT QLoRA | pedaPEFT QLoRA
 
@@ -17,6 +17,8 @@ no-grad forward of T tokens. Eager timings are ``triton.testing.do_bench`` media
 ``torch.compile`` (default mode, no CUDA graphs, static shapes, one compilation per T).
 Memory: "static" = what the method's model and optimizer state hold between steps; "peak
 above static" = the highest allocation during a step minus everything allocated before it.
+"GPU busy" = the sum of the kernel times of one profiled step (torch.profiler): the step's GPU
+work, which the host's speed does not change.
 
 The crossover section times, per weight shape and row count M, the fused dequant-GEMM kernel
 and dequantize + cuBLAS (forward ``x·Wᵀ`` and input gradient ``g·W``, LoRA term included), next

@@ -52,7 +52,7 @@ FUSED_MAX_ROWS = {"forward": 1, "input_grad": 0}
 """Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring).
 
 Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30, launches included): for one
-row the matrix-vector kernel takes 26 to 76 us against 56 to 191 us for dequantize + cuBLAS on
+row the matrix-vector kernel takes 24 to 77 us against 36 to 93 us for dequantize + cuBLAS on
 the LLaMA-8B-width shapes; from 16 rows on, and for the input gradient at every M, dequantize +
 cuBLAS is faster (the tensor-core kernels decode each weight tile again for every row tile of
 the output, and reach about 4 % of the GEMM ceiling)."""
