@@ -13,7 +13,9 @@ everywhere. Four methods live in this one process and are timed one after anothe
 as it was before the fused GEMM, for the memory comparison). A training step is forward,
 cross-entropy on float32 logits, backward and fused AdamW; the decode-like forward is a
 no-grad forward of T tokens. Eager timings are ``triton.testing.do_bench`` medians, which zero a
-256 MB buffer (flushing the L2 cache) before every repetition; compiled timings use
+256 MB buffer (flushing the L2 cache) before every repetition, one method after another; with
+``--interleave ROUNDS`` the model section's methods take turns instead (``bench_interleaved``),
+so that a slow moment of the host does not fall on one method only; compiled timings use
 ``torch.compile`` (default mode, no CUDA graphs, static shapes, one compilation per T).
 Memory: "static" = what the method's model and optimizer state hold between steps; "peak
 above static" = the highest allocation during a step minus everything allocated before it.
@@ -54,6 +56,7 @@ ROWS: list[dict] = []
 NOTES: list[str] = []
 RESULTS: dict = {}
 DEADLINE = [float("inf")]  # perf_counter time after which optional sections are skipped
+INTERLEAVE = [0]  # rounds of interleaved timing for the model section (0: one method at a time)
 
 
 def row(section, metric, value, goal="", ok=None, unit=""):
@@ -76,6 +79,35 @@ def bench(fn, rep_ms=300):
         fn()
         times.append(time.perf_counter() - start)
     return sorted(times)[1]
+
+
+def bench_interleaved(fns, rounds):
+    """Median seconds per call of each of ``fns`` (name -> function), the functions taking
+    turns: round i calls every one once, in an order rotated by i, each after flushing the L2
+    cache and timed alone with CUDA events. A slow moment of the host (another process, a
+    clock change) then falls on every method alike instead of on whichever was being timed."""
+    names = list(fns)
+    for fn in fns.values():  # warm-up: kernels compiled and tuned, caches filled
+        fn()
+        fn()
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if torch.cuda.is_available() \
+        else None
+    times = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            if flush is None:
+                start = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - start)
+                continue
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) * 1e-3)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -421,11 +453,15 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
                 continue
             try:
                 peaks[m] = peak_above(lambda run=run, idx=idx: run.step(idx))
-                times[m] = bench(lambda run=run, idx=idx: run.step(idx), rep_ms=1500)
+                if not INTERLEAVE[0]:
+                    times[m] = bench(lambda run=run, idx=idx: run.step(idx), rep_ms=1500)
                 busy[m] = gpu_busy(lambda run=run, idx=idx: run.step(idx))
             except torch.OutOfMemoryError:
                 NOTES.append(f"T={T}: {LABELS[m]} ran out of memory")
                 empty_cache()
+        if INTERLEAVE[0]:
+            times = bench_interleaved({m: lambda run=runs[m], idx=idx: run.step(idx)
+                                       for m in peaks}, INTERLEAVE[0])
         measured[T] = {"step_s": times, "peak_above_static": peaks, "gpu_busy_s": busy}
         ref = times.get("peft_lora")
         for m, t in times.items():
@@ -460,7 +496,12 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
     decode = {}
     for T in decode_T:
         idx = torch.randint(0, config.vocab_size, (1, T), device=device)
-        times = {m: bench(lambda run=run, idx=idx: run.forward(idx)) for m, run in runs.items()}
+        if INTERLEAVE[0]:
+            times = bench_interleaved({m: lambda run=run, idx=idx: run.forward(idx)
+                                       for m, run in runs.items()}, INTERLEAVE[0])
+        else:
+            times = {m: bench(lambda run=run, idx=idx: run.forward(idx))
+                     for m, run in runs.items()}
         decode[T] = times
         ref = times["peft_lora"]
         for m, t in times.items():
@@ -553,8 +594,12 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no compilation after this many seconds")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="time the model section's methods in turns, ROUNDS calls each "
+                             "(0: each method alone with do_bench)")
     args = parser.parse_args(argv)
     DEADLINE[0] = time.perf_counter() + args.budget_s
+    INTERLEAVE[0] = args.interleave
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --smoke)")
