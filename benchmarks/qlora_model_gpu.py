@@ -200,7 +200,6 @@ def crossover(device, copy_bw, gemm, smoke):
             slower = [e["M"] for e in entries
                       if not e[direction]["fused_s"] <= e[direction]["dequant_cublas_s"]]
             first = min(slower) if slower else None
-            best = min(entries, key=lambda e: e[direction]["fused_s"] / e["M"])
             row("crossover", f"{direction} W {N}x{K}: smallest M where dequantize + cuBLAS "
                 "beats the fused kernel",
                 f"none up to {max(rows_list)}" if first is None else str(first))
@@ -214,10 +213,21 @@ def crossover(device, copy_bw, gemm, smoke):
             row("kernel", f"{direction} W {N}x{K}, M={max(e['M'] for e in entries)}: fused / bf16"
                 " GEMM TFLOP/s over the GEMM ceiling", f"{big['fused_flop_per_s'] / gemm:.3f} / "
                 f"{big['bf16_flop_per_s'] / gemm:.3f}")
-            del best
 
 
 # --------------------------------------------------------------------------- layers
+
+
+def bnb_linear4bit(bnb, linear, device):
+    """bitsandbytes' ``Linear4bit`` (NF4, double quantization, blocksize 64, bf16 compute)
+    holding ``linear``'s weight and bias, on ``device``."""
+    l4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=True,
+                           compute_dtype=torch.bfloat16, compress_statistics=True,
+                           quant_type="nf4")
+    l4.weight = bnb.nn.Params4bit(linear.weight.detach().cpu(), requires_grad=False,
+                                  compress_statistics=True, quant_type="nf4", blocksize=64)
+    l4.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return l4.to(device)
 
 
 class _One(nn.Module):
@@ -248,14 +258,9 @@ def layers(device, bnb, peft, rows_list, smoke):
         made["ours_lora"] = lora.LoRALinear(nn.Linear(K, N, device=device, dtype=torch.bfloat16),
                                             r=r, alpha=r)
         if bnb is not None:
-            l4 = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=torch.bfloat16,
-                                   compress_statistics=True, quant_type="nf4")
-            l4.weight = bnb.nn.Params4bit(dense.weight.detach().cpu(), requires_grad=False,
-                                          compress_statistics=True, quant_type="nf4",
-                                          blocksize=64)
-            l4.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
             made["bnb_qlora"] = peft.get_peft_model(
-                _One(l4.to(device)), peft.LoraConfig(r=r, lora_alpha=r, target_modules=["q"]),
+                _One(bnb_linear4bit(bnb, dense, device)),
+                peft.LoraConfig(r=r, lora_alpha=r, target_modules=["q"]),
                 autocast_adapter_dtype=False).base_model.model.q
         made["ours_qlora"] = qlora.QLoRALinear(
             qlora.QuantLinear.from_linear(dense, compute_dtype=torch.bfloat16), r=r, alpha=r)
@@ -333,15 +338,7 @@ def build(method, config, device, bnb, peft):
     elif method == "bnb_qlora":
         for name, module in list(model.named_modules()):
             if name.split(".")[-1] in TARGETS and isinstance(module, nn.Linear):
-                l4 = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=True,
-                                       compute_dtype=torch.bfloat16, compress_statistics=True,
-                                       quant_type="nf4")
-                l4.weight = bnb.nn.Params4bit(module.weight.detach().cpu(), requires_grad=False,
-                                              compress_statistics=True, quant_type="nf4",
-                                              blocksize=64)
-                l4.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-                parent = model.get_submodule(name.rpartition(".")[0])
-                setattr(parent, name.rpartition(".")[2], l4.to(device))
+                model.set_submodule(name, bnb_linear4bit(bnb, module, device))
                 del module
     if method in ("peft_lora", "bnb_qlora"):
         model = peft.get_peft_model(

@@ -131,6 +131,21 @@ if triton is not None:
         at = ptr + rows[:, None] * K + even[None, :]
         return tl.load(at, mask=mask, other=0.0), tl.load(at + 1, mask=mask, other=0.0)
 
+    @triton.jit
+    def _rank_rows(ptr, rows, n_rows, rank, RANK_TILE: tl.constexpr):
+        """Rows of the (n_rows, rank) LoRA operand ``x·Aᵀ`` or ``B``, zero-padded to RANK_TILE."""
+        r = tl.arange(0, RANK_TILE)
+        return tl.load(ptr + rows[:, None] * rank + r[None, :],
+                       mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
+
+    @triton.jit
+    def _store_output(y_ptr, acc, bias_ptr, rows_m, rows_n, M, N, HAS_BIAS: tl.constexpr):
+        """y[rows_m, rows_n] = acc (+ bias[rows_n]), rounded once to y's dtype."""
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+
     def _configs(direction):
         """Launch configurations (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages) per direction.
 
@@ -211,17 +226,10 @@ if triton is not None:
             acc += tl.sum(w_even[None, :, :] * x_even[:, None, :]
                           + w_odd[None, :, :] * x_odd[:, None, :], axis=2)
         if HAS_LORA:
-            r = tl.arange(0, RANK_TILE)
-            u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
-                        mask=(rows_m[:, None] < M) & (r[None, :] < rank), other=0.0)
-            b = tl.load(lora_b_ptr + rows_n[:, None] * rank + r[None, :],
-                        mask=(rows_n[:, None] < N) & (r[None, :] < rank), other=0.0)
-            acc += scaling * tl.sum(u.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :],
-                                    axis=2)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+            u = _rank_rows(lora_in_ptr, rows_m, M, rank, RANK_TILE).to(tl.float32)
+            b = _rank_rows(lora_b_ptr, rows_n, N, rank, RANK_TILE).to(tl.float32)
+            acc += scaling * tl.sum(u[:, None, :] * b[None, :, :], axis=2)
+        _store_output(y_ptr, acc, bias_ptr, rows_m, rows_n, M, N, HAS_BIAS)
 
     @triton.autotune(configs=_configs("forward"),
                      key=["m_bucket", "N", "K", "HAS_LORA"],
@@ -255,16 +263,10 @@ if triton is not None:
             acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc)
             acc = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc)
         if HAS_LORA:
-            r = tl.arange(0, RANK_TILE)
-            u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
-                        mask=(rows_m[:, None] < M) & (r[None, :] < rank), other=0.0)
-            b = tl.load(lora_b_ptr + rows_n[:, None] * rank + r[None, :],
-                        mask=(rows_n[:, None] < N) & (r[None, :] < rank), other=0.0)
+            u = _rank_rows(lora_in_ptr, rows_m, M, rank, RANK_TILE)
+            b = _rank_rows(lora_b_ptr, rows_n, N, rank, RANK_TILE)
             acc += scaling * tl.dot(u, tl.trans(b))
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+        _store_output(y_ptr, acc, bias_ptr, rows_m, rows_n, M, N, HAS_BIAS)
 
     @triton.autotune(configs=_configs("input_grad"),
                      key=["m_bucket", "N", "K", "HAS_LORA"],
@@ -299,8 +301,7 @@ if triton is not None:
             acc_odd = tl.dot(g, w_odd.to(g.dtype), acc_odd)
         if HAS_LORA:
             r = tl.arange(0, RANK_TILE)
-            u = tl.load(lora_in_ptr + rows_m[:, None] * rank + r[None, :],
-                        mask=(rows_m[:, None] < M) & (r[None, :] < rank), other=0.0)
+            u = _rank_rows(lora_in_ptr, rows_m, M, rank, RANK_TILE)
             a = tl.load(lora_a_ptr + r[:, None] * K + cols[None, :],
                         mask=(r[:, None] < rank) & (cols[None, :] < K), other=0.0)
             a_even, a_odd = tl.split(tl.reshape(a, (RANK_TILE, HALF, 2)))
@@ -330,8 +331,7 @@ def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, trans
             lora_in, lora_weight, scaling):
     """The fused kernel: a·Wᵀ (+ bias) (+ s·lora_in·Bᵀ), or a·W (+ s·lora_in·A) if transposed
     (the matrix-vector kernel for a forward of at most ``ROWS_KERNEL_MAX`` rows)."""
-    M = a.shape[0]
-    N, K = out_features, in_features
+    M, N, K = a.shape[0], out_features, in_features
     out = torch.empty(M, K if transposed else N, dtype=a.dtype, device=a.device)
     double_quant = stored[3] is not None  # nested_absmax
     has_lora = lora_in is not None
@@ -360,7 +360,7 @@ def _launch(a, stored, out_features, in_features, blocksize, dq_blocksize, trans
         return (triton.cdiv(tiles[0], meta.get("BLOCK_M", tiles[0])),
                 triton.cdiv(tiles[1], meta[tiles[2]]))
 
-    key = (kernel, m_bucket, N, K, a.dtype, a.device, tuple(sorted(common.items())))
+    key = (kernel, m_bucket, N, K, a.dtype, a.device, *common.items())
     tuned_launch.launch(kernel, grid, args, common, key)
     return out
 
