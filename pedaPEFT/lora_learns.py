@@ -99,8 +99,7 @@ def analyze_layer(weight: torch.Tensor, updates: dict[str, dict], name: str) -> 
     }
     for label, update in updates.items():
         delta = update["delta"][name]
-        U = subspace.singular_directions(delta, "left")[:, :r]
-        V = subspace.singular_directions(delta, "right")[:, :r]
+        U, V = subspace.top_singular_vectors(delta, r)
         row[label] = {
             "singular_values": [round(float(s), 6) for s in torch.linalg.svdvals(delta.double())],
             "norm": float(delta.norm()),

@@ -54,6 +54,15 @@ def singular_directions(matrix: torch.Tensor, side: str = "right") -> torch.Tens
     return Vh.T if side == "right" else U
 
 
+def top_singular_vectors(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U[:, :r], V[:, :r])``: the top ``r`` left and right singular vectors of
+    ``matrix = U Σ Vᵀ`` as orthonormal columns, from one SVD. Float64."""
+    matrix = _check_matrix(matrix, "matrix")
+    _check_count(r, "r", min(matrix.shape))
+    U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return U[:, :r], Vh[:r].T
+
+
 def energy_share(matrix: torch.Tensor, k: int) -> float:
     """``Σ_{i≤k} σ_i² / Σ_i σ_i²``: the share of ``‖matrix‖_F²`` in the top ``k`` singular
     directions (1 for ``k ≥ rank``).
@@ -154,9 +163,7 @@ def amplification_factor(delta_weight: torch.Tensor, weight: torch.Tensor, r: in
             f"{tuple(delta_weight.shape)} and {tuple(weight.shape)}"
         )
     _check_count(r, "r", min(weight.shape))
-    U = singular_directions(delta_weight, "left")[:, :r]
-    V = singular_directions(delta_weight, "right")[:, :r]
-    projected = projected_norm(weight, U, V)
+    projected = projected_norm(weight, *top_singular_vectors(delta_weight, r))
     if projected == 0.0:
         raise ValueError("weight has no component in the directions of delta_weight")
     return float(delta_weight.norm()) / projected
