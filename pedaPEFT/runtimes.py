@@ -35,7 +35,7 @@ def record(seconds: dict[str, float], loads: dict[str, float],
 
     Entries of other lessons are kept; the file is replaced atomically.
     """
-    for name, value in {**seconds, **loads}.items():
+    for name, value in [*seconds.items(), *loads.items()]:  # a load must not hide a time
         if isinstance(value, bool) or not isinstance(value, int | float) or not (
             math.isfinite(value) and value >= 0
         ):

@@ -64,6 +64,8 @@ def test_record_keeps_other_lessons_and_refuses_bad_numbers(tmp_path):
     for bad in (float("nan"), -1.0, True):
         with pytest.raises(ValueError, match="finite numbers >= 0"):
             runtimes.record({"01_one": bad}, {}, path)
+        with pytest.raises(ValueError, match="finite numbers >= 0"):  # next to a good load
+            runtimes.record({"01_one": bad}, {"01_one": 1.0}, path)
 
 
 def _load_root_conftest():
