@@ -533,8 +533,9 @@ print(f"scale alpha / r = {alpha_yml} / {r_yml} = {alpha_yml / r_yml}")
 print(f"trainable, r = {r_yml} on all 7 x {L2} linear layers: {trainable_yml:,} "
       f"({100 * trainable_yml / n_llama2:.2f}% of the base; PEFT prints "
       f"{100 * trainable_yml / (n_llama2 + trainable_yml):.4f}%)")
-base_gb = (linear_yml * 4.127 / 8 + 2 * (n_llama2 - linear_yml)) / memory.GB
-adapter_gb = trainable_yml * (2 + 2 + memory.optimizer_state_bytes("adamw", "fp32")) / memory.GB
+qlora_convention = memory.CONVENTIONS["qlora"]  # as in section 7
+base_gb = qlora_convention.memory(n_llama2, 0, quantized=linear_yml).static / memory.GB
+adapter_gb = trainable_yml * qlora_convention.bytes_per_trainable() / memory.GB
 print(f"4-bit base (Linear at 4.127 bits, the rest bf16): {base_gb:.2f} GB; adapter, its "
       f"gradient and fp32 AdamW moments: {adapter_gb:.2f} GB")
 assert n_llama2 == 6_738_415_616  # Llama-2-7B's published count
