@@ -132,7 +132,8 @@ LLAMA3_8B_LINEAR = ((4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096),
 LLAMA3_8B_BLOCKS, RANK = 32, 16
 
 
-def _llama_count(shapes=LLAMA3_8B_LINEAR, blocks: int = LLAMA3_8B_BLOCKS, r: int = RANK) -> int:
+def _llama_count(shapes: tuple[tuple[int, int], ...] = LLAMA3_8B_LINEAR,
+                 blocks: int = LLAMA3_8B_BLOCKS, r: int = RANK) -> int:
     return r * blocks * sum(d_in + d_out for d_in, d_out in shapes)
 
 
