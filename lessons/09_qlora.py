@@ -353,6 +353,7 @@ for task in ("reverse", "shift"):
 # %%
 all_linear = [row["mean"] for row in experiments.summarize(
     experiments.load_results("qlora_table3_reverse")["runs"]) if "all linear" in row["label"]]
+lr_search = experiments.load_results("qlora_qv_reverse")["lr_search"]
 for method, shown in (("lora", (99.7, 0.3)), ("qlora", (100.0, 0.0))):
     lr, mean, std, seeds = qv_results["reverse", method, "searched"]
     assert lr == 1e-2 and (round(100 * mean, 1), round(100 * std, 1)) == shown
@@ -360,7 +361,7 @@ for method, shown in (("lora", (99.7, 0.3)), ("qlora", (100.0, 0.0))):
     lr_fixed, _, _, seeds_fixed = qv_results["reverse", method, "fixed"]
     learned = [round(100 * a) for a in seeds_fixed if a >= 0.05]
     assert lr_fixed == 4e-3 and learned == {"lora": [], "qlora": [89]}[method]
-    scores = experiments.load_results("qlora_qv_reverse")["lr_search"][method]
+    scores = lr_search[method]
     assert max(scores["0.001"], scores["0.003"]) < 0.01 and min(scores["0.01"], scores["0.03"]) == 1
 assert all(min(v[3]) == 1.0 for k, v in qv_results.items() if k[0] == "shift")
 print("the statements above hold for the shipped results")
