@@ -558,13 +558,13 @@ print(f"random Gaussian: top 8 of 64 hold {100 * subspace.energy_share(random_ma
 
 # %% [markdown]
 # **(b) Subspace similarity of $r = 8$ and $r = 64$.** We take the right singular vectors of
-# both $A$ matrices (directions in the layer's input space $\mathbb{R}^{64}$), compute
-# $\phi$ for $i = j = 1$ by hand, then the grid with the package:
+# both $A$ matrices (`subspace.singular_directions`: directions in the layer's input space
+# $\mathbb{R}^{64}$), compute $\phi$ for $i = j = 1$ by hand, then the grid with the package:
 
 # %%
 A8, A64 = live["r8"]["A"][layer_name].double(), live["r64"]["A"][layer_name].double()
-V8 = torch.linalg.svd(A8, full_matrices=False).Vh.T  # 64 x 8, orthonormal columns
-V64 = torch.linalg.svd(A64, full_matrices=False).Vh.T  # 64 x 64
+V8 = subspace.singular_directions(A8)  # 64 x 8, orthonormal columns
+V64 = subspace.singular_directions(A64)  # 64 x 64
 phi_11 = float((V8[:, :1].T @ V64[:, :1]).square().sum()) / 1
 print(f"phi(1, 1) by hand {phi_11:.4f} | package {subspace.subspace_similarity(V8, V64, 1, 1):.4f}"
       f" | random subspaces {subspace.random_subspace_similarity(1, 1, 64):.4f}")
@@ -586,8 +586,8 @@ print("random, i=1:         " + "  ".join(
 print(f"||W||_F = {float(W.norm()):.3f}; ||U^T W V||_F for W's top 8 directions "
       f"{float(torch.linalg.svdvals(W)[:8].norm()):.3f}, for random ones {float(W.norm()) / 8:.3f}")
 for label, delta in deltas.items():
-    U = torch.linalg.svd(delta).U[:, :8]
-    V = torch.linalg.svd(delta).Vh[:8].T
+    svd = torch.linalg.svd(delta)
+    U, V = svd.U[:, :8], svd.Vh[:8].T
     projected = float((U.T @ W @ V).norm())
     factor = float(delta.norm()) / projected
     assert abs(factor - subspace.amplification_factor(delta, W, 8)) < 1e-9 * factor

@@ -290,7 +290,7 @@ Y = X @ W.T
 def rowwise_int8(t):
     """Absmax int8 with one scale per row (per token of X, per output of W), dequantized."""
     q, scale = quant.blockwise_absmax_quantize(t, bits=8, blocksize=t.shape[1])
-    return quant.blockwise_absmax_dequantize(q, scale, blocksize=t.shape[1]).reshape(t.shape)
+    return quant.blockwise_absmax_dequantize(q, scale, blocksize=t.shape[1])
 
 
 def relative_error(approx):

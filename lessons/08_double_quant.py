@@ -134,13 +134,18 @@ print(f"offset (mean absmax) = {float(offset):.6f}; centred range "
 # compute each decade in float32, with `torch.linspace`, as bitsandbytes does:
 
 # %%
+def decade(zeros, fraction_bits, dtype=torch.float32):
+    """The magnitudes 10^-zeros * f, f the midpoints of 2^fraction_bits equal bins of [0.1, 1]."""
+    edges = torch.linspace(0.1, 1.0, 2**fraction_bits + 1, dtype=dtype)
+    fractions = (edges[:-1] + edges[1:]) / 2
+    return 10.0**-zeros * fractions
+
+
 levels = [0.0, 1.0]
 print(" z  fraction bits  values  smallest    largest")
 for zeros in range(7):
     fraction_bits = 6 - zeros
-    edges = torch.linspace(0.1, 1.0, 2**fraction_bits + 1, dtype=torch.float32)
-    fractions = (edges[:-1] + edges[1:]) / 2  # midpoints of the 2^(6-z) bins of [0.1, 1]
-    magnitudes = 10.0**-zeros * fractions
+    magnitudes = decade(zeros, fraction_bits)
     levels += magnitudes.tolist() + (-magnitudes).tolist()
     print(f"{zeros:>2}  {fraction_bits:>13}  {2 * magnitudes.numel():>6}  "
           f"{float(magnitudes.min()):.4e}  {float(magnitudes.max()):.4e}")
@@ -162,8 +167,7 @@ print("largest:", [f"{v:.4f}" for v in dynamic[-4:].tolist()], "| most negative:
       f"{float(dynamic[0]):.5f}")
 in_float64 = [0.0, 1.0]
 for zeros in range(7):
-    edges64 = torch.linspace(0.1, 1.0, 2 ** (6 - zeros) + 1, dtype=torch.float64)
-    magnitudes64 = 10.0**-zeros * (edges64[:-1] + edges64[1:]) / 2
+    magnitudes64 = decade(zeros, 6 - zeros, torch.float64)
     in_float64 += magnitudes64.tolist() + (-magnitudes64).tolist()
 rounded_once = torch.tensor(sorted(in_float64), dtype=torch.float32)
 steps_apart = (rounded_once.view(torch.int32) - dynamic.view(torch.int32)).abs()
@@ -186,8 +190,7 @@ print(f"the same map computed in float64, rounded once: {int((steps_apart > 0).s
 # %%
 unsigned_levels = [0.0, 1.0]
 for zeros in range(7):
-    edges = torch.linspace(0.1, 1.0, 2 ** (7 - zeros) + 1, dtype=torch.float32)
-    unsigned_levels += (10.0**-zeros * (edges[:-1] + edges[1:]) / 2).tolist()
+    unsigned_levels += decade(zeros, 7 - zeros).tolist()
 unsigned_by_hand = torch.tensor(sorted(unsigned_levels), dtype=torch.float32)
 print("unsigned map:", unsigned_by_hand.numel(), "values, all >= 0:",
       bool((unsigned_by_hand >= 0).all()))

@@ -353,6 +353,7 @@ for task in ("reverse", "shift"):
 # %%
 all_linear = [row["mean"] for row in experiments.summarize(
     experiments.load_results("qlora_table3_reverse")["runs"]) if "all linear" in row["label"]]
+lr_search = experiments.load_results("qlora_qv_reverse")["lr_search"]
 for method, shown in (("lora", (99.7, 0.3)), ("qlora", (100.0, 0.0))):
     lr, mean, std, seeds = qv_results["reverse", method, "searched"]
     assert lr == 1e-2 and (round(100 * mean, 1), round(100 * std, 1)) == shown
@@ -360,7 +361,7 @@ for method, shown in (("lora", (99.7, 0.3)), ("qlora", (100.0, 0.0))):
     lr_fixed, _, _, seeds_fixed = qv_results["reverse", method, "fixed"]
     learned = [round(100 * a) for a in seeds_fixed if a >= 0.05]
     assert lr_fixed == 4e-3 and learned == {"lora": [], "qlora": [89]}[method]
-    scores = experiments.load_results("qlora_qv_reverse")["lr_search"][method]
+    scores = lr_search[method]
     assert max(scores["0.001"], scores["0.003"]) < 0.01 and min(scores["0.01"], scores["0.03"]) == 1
 assert all(min(v[3]) == 1.0 for k, v in qv_results.items() if k[0] == "shift")
 print("the statements above hold for the shipped results")
@@ -533,8 +534,9 @@ print(f"scale alpha / r = {alpha_yml} / {r_yml} = {alpha_yml / r_yml}")
 print(f"trainable, r = {r_yml} on all 7 x {L2} linear layers: {trainable_yml:,} "
       f"({100 * trainable_yml / n_llama2:.2f}% of the base; PEFT prints "
       f"{100 * trainable_yml / (n_llama2 + trainable_yml):.4f}%)")
-base_gb = (linear_yml * 4.127 / 8 + 2 * (n_llama2 - linear_yml)) / memory.GB
-adapter_gb = trainable_yml * (2 + 2 + memory.optimizer_state_bytes("adamw", "fp32")) / memory.GB
+qlora_convention = memory.CONVENTIONS["qlora"]  # as in section 7
+base_gb = qlora_convention.memory(n_llama2, 0, quantized=linear_yml).static / memory.GB
+adapter_gb = trainable_yml * qlora_convention.bytes_per_trainable() / memory.GB
 print(f"4-bit base (Linear at 4.127 bits, the rest bf16): {base_gb:.2f} GB; adapter, its "
       f"gradient and fp32 AdamW moments: {adapter_gb:.2f} GB")
 assert n_llama2 == 6_738_415_616  # Llama-2-7B's published count

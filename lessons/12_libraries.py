@@ -141,7 +141,7 @@ llama_config = transformers.LlamaConfig(
 dense = transformers.LlamaForCausalLM(llama_config)
 checkpoint = Path(tempfile.mkdtemp()) / "tiny-llama"
 dense.save_pretrained(checkpoint)
-n_dense = sum(p.numel() for p in dense.parameters())
+n_dense = lora.count_parameters(dense)[1]
 linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in dense.named_modules()
                        if isinstance(m, torch.nn.Linear)})
 print(f"parameters: {n_dense:,}; Linear layers: {linear_names}")
@@ -204,8 +204,7 @@ assert all(same.values())
 with warnings_shown():
     model = peft.prepare_model_for_kbit_training(
         model, gradient_checkpointing_kwargs={"use_reentrant": False})
-print("trainable after preparation:", sum(p.numel() for p in model.parameters()
-                                          if p.requires_grad))
+print("trainable after preparation:", lora.count_parameters(model)[0])
 print("dtypes of the parameters:", sorted({str(p.dtype) for p in model.parameters()}))
 print("gradient checkpointing:", model.model.gradient_checkpointing)
 
@@ -285,17 +284,23 @@ def shift_loss(net, batch):
                            ignore_index=data.IGNORE_INDEX)
 
 
-peft_model.config.use_cache = False  # no key/value cache while training (checkpointing)
-trainable = [p for p in peft_model.parameters() if p.requires_grad]
-with warnings_shown():
-    optimizer = bnb.optim.PagedAdamW32bit(trainable, lr=3e-3)
+def train_steps(net, optimizer, steps=12):
+    """The losses of `steps` training steps of net on fresh 'shift' batches of 32."""
     losses = []
-    for _ in range(12):
-        loss = shift_loss(peft_model, data.task_data("shift", "train", 32, 16))
+    for _ in range(steps):
+        loss = shift_loss(net, data.task_data("shift", "train", 32, 16))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+peft_model.config.use_cache = False  # no key/value cache while training (checkpointing)
+trainable = [p for p in peft_model.parameters() if p.requires_grad]
+with warnings_shown():
+    optimizer = bnb.optim.PagedAdamW32bit(trainable, lr=3e-3)
+    losses = train_steps(peft_model, optimizer)
 print(f"PEFT + bitsandbytes, training loss: step 1 {losses[0]:.3f} -> step 12 {losses[-1]:.3f}")
 assert losses[-1] < losses[0]
 
@@ -307,13 +312,7 @@ assert losses[-1] < losses[0]
 # %%
 optimizer_ours = paged.PagedAdamW([p for p in ours_model.parameters() if p.requires_grad],
                                   lr=3e-3, weight_decay=0.0, budget_bytes=2**20)
-losses_ours = []
-for _ in range(12):
-    loss = shift_loss(ours_model, data.task_data("shift", "train", 32, 16))
-    loss.backward()
-    optimizer_ours.step()
-    optimizer_ours.zero_grad()
-    losses_ours.append(loss.item())
+losses_ours = train_steps(ours_model, optimizer_ours)
 print(f"pedaPEFT, training loss:               step 1 {losses_ours[0]:.3f} -> step 12 "
       f"{losses_ours[-1]:.3f}; pages evicted: {optimizer_ours.stats.evictions}")
 assert max(abs(a - b) for a, b in zip(losses, losses_ours, strict=True)) < 0.05
@@ -390,9 +389,8 @@ peft_layers = {name: peft_model.base_model.model.get_submodule(name)
                for name in qlora.qlora_layers(ours_model)}
 with torch.no_grad():
     before = peft_model(input_ids=idx).logits.float()
-    exact = {name: dequantized(m.base_layer) + m.get_delta_weight("default").float()
-             for name, m in peft_layers.items()}
     deltas = {name: m.get_delta_weight("default").float() for name, m in peft_layers.items()}
+    exact = {name: dequantized(m.base_layer) + deltas[name] for name, m in peft_layers.items()}
 with warnings_shown():
     merged = peft_model.merge_and_unload()
 with torch.no_grad():
@@ -406,16 +404,15 @@ print(f"PEFT, merged into {type(merged.model.layers[0].self_attn.q_proj).__name_
 with torch.no_grad():
     before_ours = ours_model(input_ids=idx).logits.float()
 errors = [qlora.requantization_error(layer) for layer in qlora.qlora_layers(ours_model).values()]
+ours_lost = sum(e["delta_lost"] for e in errors) / len(errors)
 qlora.merge_qlora(ours_model)
 with torch.no_grad():
     change = float((ours_model(input_ids=idx).logits.float() - before_ours).abs().max()
                    / before_ours.abs().max())
 print(f"pedaPEFT, merged into {type(ours_model.model.layers[0].self_attn.q_proj).__name__}: "
       f"relative change {change:.3f}")
-print(f"pedaPEFT, re-quantizing instead would add an error of "
-      f"{sum(e['delta_lost'] for e in errors) / len(errors):.2f} x the update (mean of "
-      f"{len(errors)} layers)")
-ours_lost = sum(e["delta_lost"] for e in errors) / len(errors)
+print(f"pedaPEFT, re-quantizing instead would add an error of {ours_lost:.2f} x the update "
+      f"(mean of {len(errors)} layers)")
 assert abs(ours_lost - sum(peft_lost) / len(peft_lost)) < 0.02
 
 # %% [markdown]
@@ -518,10 +515,9 @@ assert all(row["same_bytes"] for row in grid)
 torch.manual_seed(2)
 layer4 = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16,
                            quant_type="nf4").to("cpu")
-exact_w = quant.dequantize_4bit(quant.from_bnb_state_dict(layer4.state_dict()))
 x = torch.randn(8, 64, dtype=torch.bfloat16)
 grad_y = torch.randn(8, 64, dtype=torch.bfloat16)
-exact = (grad_y.float() @ exact_w.float())
+exact = grad_y.float() @ dequantized(layer4)
 
 
 def input_gradient(layer):
@@ -532,11 +528,16 @@ def input_gradient(layer):
     return x_train.grad
 
 
+def gradient_error(grad):
+    """||grad - g · dequant(Q)|| / ||g · dequant(Q)||."""
+    return float((grad.float() - exact).norm() / exact.norm())
+
+
 def gradient_report(grad):
     """The relative error of a gradient against g · dequant(Q), or that none arrived."""
     if grad is None:
         return "no gradient reaches x (x.grad is None)"
-    return f"dL/dx relative error {float((grad.float() - exact).norm() / exact.norm()):.4f}"
+    return f"dL/dx relative error {gradient_error(grad):.4f}"
 
 
 fresh = input_gradient(layer4)
@@ -547,9 +548,9 @@ with warnings_shown(), torch.no_grad():
 with warnings_shown():
     after_eval = input_gradient(layer4)
 print(f"after one evaluation-mode call: {gradient_report(after_eval)}")
-assert fresh is not None and float((fresh.float() - exact).norm() / exact.norm()) < 1e-2
+assert fresh is not None and gradient_error(fresh) < 1e-2
 if bnb.functional.has_avx512bf16():
-    assert after_eval is None or float((after_eval.float() - exact).norm() / exact.norm()) > 0.5
+    assert after_eval is None or gradient_error(after_eval) > 0.5
 
 # %% [markdown]
 # In a model, the layers below then get only the share of the gradient that flows through

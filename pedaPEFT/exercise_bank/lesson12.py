@@ -74,7 +74,8 @@ def _run_all_linear(answer: Any) -> None:
                           "target_modules takes them (q_proj, not blocks.0.attn.q_proj).")
         if len(got) != len(set(got)):
             raise Mistake("each short name once: layers of every block share their names.")
-        if head.rsplit(".", 1)[-1] in got and head.rsplit(".", 1)[-1] not in expected:
+        head_short = head.rsplit(".", 1)[-1]
+        if head_short in got and head_short not in expected:
             raise Mistake("the output head is in the list: leave out the module named head.")
         if sorted(got) == expected:
             raise Mistake("sort the names.")
@@ -82,7 +83,7 @@ def _run_all_linear(answer: Any) -> None:
         if missing and any(name.isdigit() for name in missing):
             raise Mistake("a Linear inside an nn.Sequential is missing: walk every module with "
                           "named_modules(), not only named attributes.")
-        if missing and head.rsplit(".", 1)[-1] in missing:
+        if missing and head_short in missing:
             raise Mistake("a layer that shares its short name with the head was dropped: "
                           "compare full names with head, not short names.")
         if set(got) - set(expected):
@@ -131,7 +132,8 @@ LLAMA3_8B_LINEAR = ((4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096),
 LLAMA3_8B_BLOCKS, RANK = 32, 16
 
 
-def _llama_count(shapes=LLAMA3_8B_LINEAR, blocks: int = LLAMA3_8B_BLOCKS, r: int = RANK) -> int:
+def _llama_count(shapes: tuple[tuple[int, int], ...] = LLAMA3_8B_LINEAR,
+                 blocks: int = LLAMA3_8B_BLOCKS, r: int = RANK) -> int:
     return r * blocks * sum(d_in + d_out for d_in, d_out in shapes)
 
 
