@@ -466,11 +466,11 @@ class QLoRAFunction(torch.autograd.Function):
         x2, lora_in, lora_A, lora_B, *stored = ctx.saved_tensors
         fmt, s = ctx.fmt, ctx.scaling
         g = grad_y.reshape(-1, fmt.out_features).contiguous()               # (M, N)
-        # addmm with beta = 0 ignores its first argument: a scaled product in one kernel
-        ignored = g.new_empty(())
-        u = torch.addmm(ignored, g, lora_B, beta=0, alpha=s)                # (M, r)
+        # addmm with beta = 0 ignores its first argument (any tensor of the output's shape, no
+        # allocation for it): a scaled product in one kernel
+        u = torch.addmm(lora_in, g, lora_B, beta=0, alpha=s)                # (M, r)
         grad_A = u.t() @ x2 if ctx.needs_input_grad[1] else None            # (r, K)
-        grad_B = (torch.addmm(ignored, g.t(), lora_in, beta=0, alpha=s)
+        grad_B = (torch.addmm(lora_B, g.t(), lora_in, beta=0, alpha=s)
                   if ctx.needs_input_grad[2] else None)                     # (N, r)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -484,9 +484,9 @@ def applies(layer, x: torch.Tensor) -> bool:
     in the compute dtype, and no active dropout on the LoRA branch (dropout would need a second
     input to the branch; that case keeps the unfused path)."""
     base = layer.base_layer
-    return (ENABLED and base.fmt.quant_type != "int8" and x.dtype == base.compute_dtype
-            and (layer.dropout_p == 0.0 or not layer.training)
-            and x.shape[-1] == base.fmt.in_features)
+    fmt = base.fmt
+    return (ENABLED and x.dtype == base.compute_dtype and x.shape[-1] == fmt.in_features
+            and fmt.quant_type != "int8" and (not layer.training or layer.dropout_p == 0.0))
 
 
 def qlora_forward(layer, x: torch.Tensor) -> torch.Tensor:

@@ -162,9 +162,15 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The low-rank branch ``s · B(A(dropout(x)))``, computed in the adapter's dtype."""
-        x = x.to(self.lora_A.dtype)  # (..., in)
-        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        """The low-rank branch ``s · B(A(dropout(x)))``, computed in the adapter's dtype.
+
+        Without dropout the ``nn.Identity`` module is not called (a module call is microseconds
+        of host time, paid once per layer per step)."""
+        lora_A = self.lora_A  # a parameter lookup goes through nn.Module.__getattr__: once
+        x = x.to(lora_A.dtype)  # (..., in)
+        if self.dropout_p > 0:
+            x = self.lora_dropout(x)
+        h = F.linear(x, lora_A)  # (..., r)
         return F.linear(h, self.lora_B) * self.scaling  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,8 @@ class QuantLinear(nn.Module):
     def __init__(self, fmt: BaseFormat, bias: bool, device: torch.device | str | None = None):
         super().__init__()
         self.fmt = fmt
+        # a plain attribute, not a property: every forward compares the input's dtype with it
+        self.compute_dtype: torch.dtype = dtype_from_name(fmt.compute_dtype)
         n = fmt.out_features * fmt.in_features
         n_blocks = n // fmt.blocksize
         u8, f32 = torch.uint8, torch.float32
@@ -216,10 +218,6 @@ class QuantLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.fmt.out_features
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return dtype_from_name(self.fmt.compute_dtype)
 
     @classmethod
     @torch.no_grad()
