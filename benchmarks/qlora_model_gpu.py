@@ -135,7 +135,7 @@ def ceilings(device, smoke):
 
 def crossover(device, copy_bw, gemm, smoke):
     shapes = [(256, 128)] if smoke else [(4096, 4096), (16384, 4096), (4096, 16384)]
-    rows_list = [1, 16, 64, 128] if smoke else [1, 16, 64, 128, 256, 512, 2048]
+    rows_list = [1, 4, 16, 64, 128] if smoke else [1, 4, 16, 64, 128, 256, 512, 2048]
     r, s = 16, 1.0
     table = []
     for N, K in shapes:
