@@ -14,8 +14,9 @@ as it was before the fused GEMM, for the memory comparison). A training step is 
 cross-entropy on float32 logits, backward and fused AdamW; the decode-like forward is a
 no-grad forward of T tokens. Eager timings are ``triton.testing.do_bench`` medians, which zero a
 256 MB buffer (flushing the L2 cache) before every repetition, one method after another; with
-``--interleave ROUNDS`` the model section's methods take turns instead (``bench_interleaved``),
-so that a slow moment of the host does not fall on one method only; compiled timings use
+``--interleave ROUNDS`` the methods of the layer and model sections take turns instead
+(``bench_interleaved``), so that a slow moment of the host does not fall on one method only (the
+shipped run uses it); compiled timings use
 ``torch.compile`` (default mode, no CUDA graphs, static shapes, one compilation per T).
 Memory: "static" = what the method's model and optimizer state hold between steps; "peak
 above static" = the highest allocation during a step minus everything allocated before it.
@@ -276,7 +277,9 @@ def layers(device, bnb, peft, rows_list, smoke):
                 with torch.no_grad():
                     return layer(x)
 
-            times = {m: bench(lambda layer=layer: forward(layer)) for m, layer in made.items()}
+            calls = {m: lambda layer=layer: forward(layer) for m, layer in made.items()}
+            times = (bench_interleaved(calls, INTERLEAVE[0]) if INTERLEAVE[0]
+                     else {m: bench(call) for m, call in calls.items()})
             found[(N, K, T)] = times
             ref = times["peft_lora"]
             row(f"layer {N}x{K} T={T}", "no-grad forward, eager: " + " / ".join(
