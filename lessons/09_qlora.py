@@ -430,17 +430,20 @@ print(f"the paper's 65B example, '>780 GB' -> '<48 GB': at least {780 / 48:.2f} 
 # two are never mixed in one ratio. Take a training step of a 4-layer LLaMA-8B-width slice. The
 # GPU's own work per step, QLoRA against PEFT's bf16 LoRA, is 1.16 × at 512 tokens, 1.00 × at
 # 2048 and 0.97 × at 8192: from a few thousand tokens on, the two dequantizations per layer add
-# nothing measurable to the GPU's step. Against bitsandbytes + PEFT it is 0.80 × and 0.88 ×.
-# The eager step is another matter: below 8192 tokens the GPU waits for
-# the host to issue kernels (the eager QLoRA step is 3.5 × its GPU time at 512 tokens), so the
-# eager ratio measures Python per layer, and it moved from 1.09 to 1.32 at 2048 tokens between
-# two runs five minutes apart. That is why the package launches a tuned kernel straight from its
-# compiled binary (`tuned_launch`) and does not re-check a layer's buffers on every call.
-# Reading a quarter of the bytes does not yet make generation faster: a one-token forward runs
-# a fused kernel that decodes the 4-bit weight inside the product (24–77 µs per
-# LLaMA-8B-width layer against 19–47 µs for cuBLAS's bf16 product), bound by the per-weight
-# decode rather than by memory, and from 16 tokens on the weight is dequantized and multiplied
-# by cuBLAS: a decode forward costs 1.1–1.4 × bf16's GPU time.
+# nothing measurable to the GPU's step. Against bitsandbytes + PEFT it is 0.81 × and 0.88 ×.
+# The eager step is another matter: below 8192 tokens the GPU waits for the host to issue
+# kernels (the eager QLoRA step is 3.5 × its GPU time at 512 tokens), so the eager ratio
+# measures Python per layer. Timed in turns, so that a slow moment of the host falls on every
+# method alike, it is 1.13 × at 512 tokens and 1.10 × at 2048, and QLoRA trains 1.35 × as many
+# tokens per second as bitsandbytes + PEFT. That is why the package launches a tuned kernel
+# straight from its compiled binary (`tuned_launch`), does not re-check a layer's buffers on
+# every call, and runs base and LoRA branch as one autograd node. Reading a quarter of the
+# bytes does not yet make generation faster: a one-token forward runs a fused kernel that
+# decodes the 4-bit weight inside the product (22–56 µs per LLaMA-8B-width layer replayed from
+# a CUDA graph, against 19–49 µs for cuBLAS's bf16 layer), bound by the per-weight decode
+# rather than by memory, and from 16 tokens on the weight is dequantized and multiplied by
+# cuBLAS: a decode forward of the slice costs 0.99 × bf16's GPU time for one token and 1.4 ×
+# for 16 or 64.
 #
 # ## 8. Merging for inference
 #

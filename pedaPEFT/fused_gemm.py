@@ -51,11 +51,11 @@ except ImportError:  # pragma: no cover - depends on the installation
 FUSED_MAX_ROWS = {"forward": 1, "input_grad": 0}
 """Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring).
 
-Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30, launches included): for one
-row the matrix-vector kernel takes 24 to 77 us against 36 to 93 us for dequantize + cuBLAS on
-the LLaMA-8B-width shapes; from 16 rows on, and for the input gradient at every M, dequantize +
-cuBLAS is faster (the tensor-core kernels decode each weight tile again for every row tile of
-the output, and reach about 4 % of the GEMM ceiling)."""
+Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30, launches included): for one row
+the matrix-vector kernel wins on every LLaMA-8B-width shape (MLP: 57 and 62 against 93 and 94
+us); 4 rows lose on the 4096 x 16384 weight (102 against 94 us); from 16 rows on, and for the
+input gradient at every M, dequantize + cuBLAS wins (the tensor-core kernels decode each weight
+tile again for every row tile of the output: about 4 % of the GEMM ceiling)."""
 
 ROWS_KERNEL_MAX = 4
 """Forward calls with at most this many rows use the matrix-vector kernel (no tensor cores)."""
