@@ -57,7 +57,7 @@ ROWS: list[dict] = []
 NOTES: list[str] = []
 RESULTS: dict = {}
 DEADLINE = [float("inf")]  # perf_counter time after which optional sections are skipped
-INTERLEAVE = [0]  # rounds of interleaved timing for the model section (0: one method at a time)
+INTERLEAVE = [0]  # rounds of interleaved timing, layer and model sections (0: one at a time)
 
 
 def row(section, metric, value, goal="", ok=None, unit=""):
@@ -595,8 +595,8 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no compilation after this many seconds")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                        help="time the model section's methods in turns, ROUNDS calls each "
-                             "(0: each method alone with do_bench)")
+                        help="time the layer and model sections' methods in turns, ROUNDS "
+                             "calls each (0: each method alone with do_bench)")
     args = parser.parse_args(argv)
     DEADLINE[0] = time.perf_counter() + args.budget_s
     INTERLEAVE[0] = args.interleave

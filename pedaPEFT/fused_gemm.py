@@ -425,12 +425,12 @@ def _(a, packed, absmax, code, nested_absmax, nested_code, offset, out_features,
     return a.new_empty(a.shape[0], in_features if transposed else out_features)
 
 
-def _matmul(*args):
+def _matmul(a, stored, N, K, blocksize, dq_blocksize, transposed, *rest):
     """:func:`matmul_4bit_eager`, but while compiling the fused kernel runs as the registered
     operator (one opaque node) and dequantize + cuBLAS is traced into the graph, where the
     compiler launches the dequantization kernel and the GEMMs itself."""
-    a, transposed = args[0], args[11]
-    if torch.compiler.is_compiling() and _takes_fused(a, transposed, *args[7:10]):
+    args = (a, *stored, N, K, blocksize, dq_blocksize, transposed, *rest)  # W is (N, K)
+    if torch.compiler.is_compiling() and _takes_fused(a, transposed, N, K, blocksize):
         return matmul_4bit(*args)
     return matmul_4bit_eager(*args)
 
@@ -440,7 +440,7 @@ def _forward(x, lora_A, lora_B, bias, scaling, fmt, stored):
     N, K = fmt.out_features, fmt.in_features
     x2 = x.reshape(-1, K).contiguous()                                      # (M, K)
     lora_in = F.linear(x2, lora_A)                                          # (M, r)
-    y = _matmul(x2, *stored, N, K, fmt.blocksize, fmt.dq_blocksize, False, bias, lora_in,
+    y = _matmul(x2, stored, N, K, fmt.blocksize, fmt.dq_blocksize, False, bias, lora_in,
                 lora_B, scaling)                                            # (M, N)
     return y.view(*x.shape[:-1], N), x2, lora_in
 
@@ -474,7 +474,7 @@ class QLoRAFunction(torch.autograd.Function):
                   if ctx.needs_input_grad[2] else None)                     # (N, r)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _matmul(g, *stored, fmt.out_features, fmt.in_features, fmt.blocksize,
+            grad_x = _matmul(g, stored, fmt.out_features, fmt.in_features, fmt.blocksize,
                              fmt.dq_blocksize, True, None, u, lora_A, 1.0).view(ctx.x_shape)
         return (grad_x, grad_A, grad_B, None, None, None) + (None,) * len(stored)
 

@@ -41,8 +41,7 @@ def launch(kernel: Any, grid: Grid, args: tuple, constants: dict[str, Any], key:
         kernel[grid](*args, **constants)
         _TUNED[key] = {**constants, **kernel.best_config.all_kwargs()}
         return
-    blocks = grid(tuned)
-    blocks = (*blocks, 1, 1)[:3]
+    blocks = (*grid(tuned), 1, 1)[:3]  # the grid on three axes
     specialization = (key, tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args
                                  if isinstance(a, torch.Tensor)))
     if specialization in _COMPILED:

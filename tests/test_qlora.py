@@ -51,7 +51,7 @@ def _tiny_qlora(quant_type="nf4", seed=0, targets=ALL_LINEAR):
     seed=st.integers(0, 2**16),
 )
 def test_dequantize_function_equals_quant_module(n_blocks, quant_type, double_quant, blocksize,
-                                           out_dtype, seed):
+                                                 out_dtype, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n_blocks * blocksize, generator=g) * 0.05
     state = quant.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize,
