@@ -21,6 +21,9 @@ user-defined kernel that the compiled graph launches itself (tuned at compile ti
 
 from __future__ import annotations
 
+import weakref
+from typing import NamedTuple
+
 import torch
 
 from pedaPEFT import tuned_launch
@@ -137,35 +140,77 @@ def dequantize_4bit_triton(
     """The same function as ``dequantize_4bit_torch`` as one fused CUDA kernel launch.
 
     The first call per shape times the autotuner's configurations; later calls launch the
-    chosen binary directly (``tuned_launch``). Under ``torch.compile`` the autotuned kernel is
-    traced instead, and tuned by the compiler.
+    chosen binary directly (``tuned_launch``), and a weight dequantized before (the same tensor
+    objects: a layer's buffers) skips even that lookup (:data:`_BOUND`). Under
+    ``torch.compile`` the autotuned kernel is traced instead, and tuned by the compiler.
     """
     if not triton_supports(blocksize):
         raise RuntimeError(
             f"dequantize_4bit_triton needs Triton and a power-of-two blocksize >= 8, "
             f"got blocksize={blocksize}"
         )
+    # without double quantization absmax stands in for the nested tensors (never read)
+    scales = ((absmax, code, nested_absmax, nested_code, offset) if nested_absmax is not None
+              else (absmax, code, absmax, absmax, absmax))
     n_blocks = absmax.numel()
-    padded_bytes = n_blocks * blocksize // 2
     compiling = torch.compiler.is_compiling()
-    if packed.numel() != padded_bytes or (not compiling and packed.data_ptr() % 4):
-        # A partial last block (or a misaligned view): copy into whole, aligned words.
-        packed = torch.nn.functional.pad(packed.reshape(-1), (0, padded_bytes - packed.numel()))
+    if not compiling:
+        bound = _BOUND.get((id(packed), out_dtype))
+        if bound is not None and bound.serves(packed, scales, n):
+            out = torch.empty(n, dtype=out_dtype, device=packed.device)  # (n,)
+            # The compiled binary takes addresses only: the byte tensor's is its words' address.
+            bound.launcher(packed, *scales, out, n, n_blocks)
+            return out
+    padded_bytes = n_blocks * blocksize // 2
+    whole = packed.numel() == padded_bytes and (compiling or packed.data_ptr() % 4 == 0)
+    words = packed if whole else torch.nn.functional.pad(  # a partial last block, or a
+        packed.reshape(-1), (0, padded_bytes - packed.numel()))  # misaligned view: copy
     out = torch.empty(n, dtype=out_dtype, device=packed.device)  # (n,)
-    double_quant = nested_absmax is not None
-    unused = absmax  # stands in for the nested tensors, never read when double_quant is False
-    args = (packed.view(torch.int32), absmax, code, nested_absmax if double_quant else unused,
-            nested_code if double_quant else unused, offset if double_quant else unused, out, n,
-            n_blocks)
+    args = (words.view(torch.int32), *scales, out, n, n_blocks)
     constants = dict(WORDS_PER_BLOCK=blocksize // 8, DQ_BLOCKSIZE=dq_blocksize,
-                     DOUBLE_QUANT=double_quant)
+                     DOUBLE_QUANT=nested_absmax is not None)
     if compiling:  # traced: the compiled graph launches the kernel, tuned at compile time
         _dequantize_4bit_kernel[_grid_over(n_blocks)](*args, **constants)
         return out
-    key = (_dequantize_4bit_kernel, n, n_blocks, blocksize, dq_blocksize, double_quant, out_dtype,
-           packed.device)
-    tuned_launch.launch(_dequantize_4bit_kernel, _grid_over(n_blocks), args, constants, key)
+    key = (_dequantize_4bit_kernel, n, n_blocks, blocksize, dq_blocksize,
+           nested_absmax is not None, out_dtype, packed.device)
+    launcher = tuned_launch.launch(_dequantize_4bit_kernel, _grid_over(n_blocks), args,
+                                   constants, key)
+    if launcher is not None and whole:
+        _bind(packed, scales, n, out_dtype, launcher)
     return out
+
+
+class _Bound(NamedTuple):
+    """A compiled dequantization launch kept for one stored weight (see :data:`_BOUND`)."""
+
+    packed: weakref.ref
+    scales: tuple[torch.Tensor, ...]
+    n: int
+    launcher: tuned_launch.Launcher
+
+    def serves(self, packed: torch.Tensor, scales: tuple[torch.Tensor, ...], n: int) -> bool:
+        """The same tensor objects (so the same dtypes and addresses) and the same size."""
+        return (self.packed() is packed and n == self.n
+                and all(mine is theirs for mine, theirs in zip(self.scales, scales, strict=True)))
+
+
+_BOUND: dict[tuple[int, torch.dtype], _Bound] = {}
+"""Per packed weight (by ``id``) and output dtype: the launcher ``tuned_launch`` compiled for it,
+with the scale tensors it was launched with. A QLoRA layer dequantizes the same buffers twice
+per training step; recognising them by identity costs less than working out their
+specialization again. An entry lives as long as its packed tensor (a weak reference, and a
+finalizer that removes it); a tensor that is moved or replaced is a new object, so it is tuned
+and bound anew."""
+
+
+def _bind(packed: torch.Tensor, scales: tuple[torch.Tensor, ...], n: int,
+          out_dtype: torch.dtype, launcher: tuned_launch.Launcher) -> None:
+    key = (id(packed), out_dtype)
+    old = _BOUND.get(key)
+    if old is None or old.packed() is not packed:  # one finalizer per packed tensor and dtype
+        weakref.finalize(packed, _BOUND.pop, key, None)
+    _BOUND[key] = _Bound(weakref.ref(packed), scales, n, launcher)
 
 
 def _grid_over(n_blocks: int):

@@ -217,3 +217,29 @@ def test_repeated_launches_and_a_misaligned_input_keep_the_result(M, monkeypatch
     for _ in range(3):
         got = kernels.dequantize_4bit_eager(*stored, N * K, 64, 256, torch.bfloat16)
         assert torch.equal(got.cpu(), want)
+
+
+def test_a_bound_dequantization_follows_new_buffers_and_new_values():
+    """From the third call on, a weight dequantized before is launched straight from its bound
+    binary (``kernels._BOUND``). Buffers changed in place, a replaced scale tensor and a
+    same-sized other weight must all give their own result, never a stale one."""
+    N, K = 256, 512
+    stored, dense = _quantized(N, K, "nf4", True, 64, seed=5)
+
+    def dequantized(tensors):
+        return kernels.dequantize_4bit_eager(*tensors, N * K, 64, 256, torch.bfloat16).cpu()
+
+    want = dense.float().bfloat16().view(-1)
+    for _ in range(3):
+        assert torch.equal(dequantized(stored), want)
+    assert (id(stored[0]), torch.bfloat16) in kernels._BOUND
+    stored[0].bitwise_xor_(0x11)  # every nibble moves, in place: the same tensor object
+    flipped = dequantized(stored)
+    stored[0].bitwise_xor_(0x11)
+    assert not torch.equal(flipped, want)
+    assert torch.equal(dequantized(stored), want)
+    halved = (stored[0], stored[1], stored[2], stored[3] / 2, *stored[4:])  # a new object
+    assert torch.equal(dequantized(halved), (dense.float() / 2).bfloat16().view(-1))
+    other, other_dense = _quantized(N, K, "nf4", True, 64, seed=6)
+    for _ in range(3):
+        assert torch.equal(dequantized(other), other_dense.float().bfloat16().view(-1))

@@ -497,3 +497,24 @@ def test_absmax_scales_stay_finite_for_tiny_and_zero_blocks():
     state = quant.quantize_int8(x.reshape(4, 2))
     assert torch.equal(state.q[1:3], torch.zeros(2, 2, dtype=torch.int8))
     assert bool(torch.isfinite(quant.dequantize_int8(state)).all())
+
+
+def test_a_bound_dequantization_launch_serves_only_its_own_tensors_and_dies_with_them():
+    """``kernels._BOUND`` keeps a compiled launch per stored weight, recognised by identity:
+    any other tensor object (or size) is not served, and the entry goes with the weight."""
+    import gc
+
+    packed, absmax = torch.zeros(32, dtype=torch.uint8), torch.ones(1)
+    scales = (absmax, quant.nf4_code(), absmax, absmax, absmax)
+    kernels._bind(packed, scales, 64, torch.bfloat16, launcher=print)
+    key = (id(packed), torch.bfloat16)
+    bound = kernels._BOUND[key]
+    assert bound.serves(packed, scales, 64)
+    assert not bound.serves(packed, scales, 62)
+    assert not bound.serves(packed.clone(), scales, 64)
+    assert not bound.serves(packed, (absmax.clone(), *scales[1:]), 64)
+    kernels._bind(packed, (absmax.clone(), *scales[1:]), 64, torch.bfloat16, launcher=print)
+    assert not kernels._BOUND[key].serves(packed, scales, 64)  # rebound to the new object
+    del packed, bound
+    gc.collect()
+    assert key not in kernels._BOUND

@@ -86,3 +86,22 @@ def test_without_a_compiled_kernel_to_call_every_launch_uses_the_jit(monkeypatch
     for _ in range(3):
         tuned_launch.launch(kernel, _grid, (x, 64), {"SIZE": 8}, key=("k", 64))
     assert [entry[0] for entry in kernel.log] == ["autotune", "jit", "jit"]
+
+
+def test_the_launcher_it_returns_launches_the_same_binary_directly():
+    kernel = _Autotuned()
+    x, y = torch.zeros(64), torch.ones(64)
+    returned = [tuned_launch.launch(kernel, _grid, (x, 64), {"SIZE": 8}, key=("k", 64))
+                for _ in range(3)]
+    assert returned[0] is None  # tuning
+    assert returned[1] is not None and returned[2] is returned[1]
+    returned[1](y, 64)
+    assert kernel.log[-1] == ("direct", (3, 1, 1), (y, 64, 8, 4))
+
+
+def test_no_launcher_where_triton_cannot_launch_a_compiled_binary(monkeypatch):
+    monkeypatch.setattr(tuned_launch, "_passes_constexprs", lambda: False)
+    kernel = _Autotuned()
+    x = torch.zeros(64)
+    assert all(tuned_launch.launch(kernel, _grid, (x, 64), {"SIZE": 8}, key=("k", 64)) is None
+               for _ in range(3))
