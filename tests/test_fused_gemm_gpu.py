@@ -238,7 +238,8 @@ def test_a_bound_dequantization_follows_new_buffers_and_new_values():
     stored[0].bitwise_xor_(0x11)
     assert not torch.equal(flipped, want)
     assert torch.equal(dequantized(stored), want)
-    halved = (stored[0], stored[1], stored[2], stored[3] / 2, *stored[4:])  # a new object
+    # absmax = nested_code[q]·nested_absmax + offset: halving both halves it exactly
+    halved = (*stored[:3], stored[3] / 2, stored[4], stored[5] / 2)  # new objects
     assert torch.equal(dequantized(halved), (dense.float() / 2).bfloat16().view(-1))
     other, other_dense = _quantized(N, K, "nf4", True, 64, seed=6)
     for _ in range(3):
