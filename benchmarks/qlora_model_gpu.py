@@ -14,9 +14,9 @@ as it was before the fused GEMM, for the memory comparison). A training step is 
 cross-entropy on float32 logits, backward and fused AdamW; the decode-like forward is a
 no-grad forward of T tokens. Eager timings are ``triton.testing.do_bench`` medians, which zero a
 256 MB buffer (flushing the L2 cache) before every repetition, one method after another; with
-``--interleave ROUNDS`` the methods of the layer and model sections take turns instead
-(``bench_interleaved``), so that a slow moment of the host does not fall on one method only (the
-shipped run uses it); compiled timings use
+``--interleave ROUNDS`` the methods of the layer and model sections, and a compiled step and
+its eager step, take turns instead (``bench_interleaved``), so that a slow moment of the host
+does not fall on one of them only (the shipped run uses it). Compiled timings use
 ``torch.compile`` (default mode, no CUDA graphs, static shapes, one compilation per T).
 Memory: "static" = what the method's model and optimizer state hold between steps; "peak
 above static" = the highest allocation during a step minus everything allocated before it.
@@ -57,7 +57,7 @@ ROWS: list[dict] = []
 NOTES: list[str] = []
 RESULTS: dict = {}
 DEADLINE = [float("inf")]  # perf_counter time after which optional sections are skipped
-INTERLEAVE = [0]  # rounds of interleaved timing, layer and model sections (0: one at a time)
+INTERLEAVE = [0]  # interleaved rounds: layers, models, compiled vs eager (0: one at a time)
 
 
 def row(section, metric, value, goal="", ok=None, unit=""):
@@ -555,9 +555,13 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
                              + traceback.format_exc().splitlines()[-1])
                 continue
             took = time.perf_counter() - start
-            t_c = bench(lambda run=run, idx=idx: run.step(idx, run.compiled), rep_ms=1500)
-            t_e = measured.get(T, {}).get("step_s", {}).get(m) or bench(
-                lambda run=run, idx=idx: run.step(idx), rep_ms=1500)
+            steps = {"compiled": lambda run=run, idx=idx: run.step(idx, run.compiled),
+                     "eager": lambda run=run, idx=idx: run.step(idx)}
+            if INTERLEAVE[0]:  # the two in turns, like every other ratio of the run
+                timed = bench_interleaved(steps, INTERLEAVE[0])
+            else:
+                timed = {name: bench(step, rep_ms=1500) for name, step in steps.items()}
+            t_c, t_e = timed["compiled"], timed["eager"]
             compiled[(m, T)] = (t_c, t_e)
             goal = "<= 0.85" if m == "ours_qlora" else ""
             row(f"compile T={T}", f"{LABELS[m]}: compiled / eager step ({t_c * 1e3:.2f} / "
@@ -595,8 +599,9 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no compilation after this many seconds")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                        help="time the layer and model sections' methods in turns, ROUNDS "
-                             "calls each (0: each method alone with do_bench)")
+                        help="time the layer and model sections' methods, and compiled "
+                             "against eager, in turns, ROUNDS calls each (0: each alone, with "
+                             "do_bench)")
     args = parser.parse_args(argv)
     DEADLINE[0] = time.perf_counter() + args.budget_s
     INTERLEAVE[0] = args.interleave
