@@ -428,22 +428,23 @@ print(f"the paper's 65B example, '>780 GB' -> '<48 GB': at least {780 / 48:.2f} 
 # Speed, measured on the same H200 (`benchmarks/qlora_model_gpu.md`). Eager figures include
 # Python and kernel launches; graph-replay and profiler figures are the GPU's time alone, and the
 # two are never mixed in one ratio. Take a training step of a 4-layer LLaMA-8B-width slice. The
-# GPU's own work per step, QLoRA against PEFT's bf16 LoRA, is 1.16 × at 512 tokens, 1.00 × at
-# 2048 and 0.97 × at 8192: from a few thousand tokens on, the two dequantizations per layer add
-# nothing measurable to the GPU's step. Against bitsandbytes + PEFT it is 0.81 × and 0.88 ×.
+# GPU's own work per step, QLoRA against PEFT's bf16 LoRA, is 1.16 × at 512 tokens, 1.01 × at
+# 2048 and 0.98 × at 8192: from a few thousand tokens on, the two dequantizations per layer add
+# nothing measurable to the GPU's step. Against bitsandbytes + PEFT it is 0.80 × and 0.89 ×.
 # The eager step is another matter: below 8192 tokens the GPU waits for the host to issue
-# kernels (the eager QLoRA step is 3.5 × its GPU time at 512 tokens), so the eager ratio
+# kernels (the eager QLoRA step is 3.1 × its GPU time at 512 tokens), so the eager ratio
 # measures Python per layer. Timed in turns, so that a slow moment of the host falls on every
-# method alike, it is 1.13 × at 512 tokens and 1.10 × at 2048, and QLoRA trains 1.35 × as many
-# tokens per second as bitsandbytes + PEFT. That is why the package launches a tuned kernel
-# straight from its compiled binary (`tuned_launch`), does not re-check a layer's buffers on
-# every call, and runs base and LoRA branch as one autograd node. Reading a quarter of the
-# bytes does not yet make generation faster: a one-token forward runs a fused kernel that
-# decodes the 4-bit weight inside the product (22–56 µs per LLaMA-8B-width layer replayed from
-# a CUDA graph, against 19–49 µs for cuBLAS's bf16 layer), bound by the per-weight decode
-# rather than by memory, and from 16 tokens on the weight is dequantized and multiplied by
-# cuBLAS: a decode forward of the slice costs 0.99 × bf16's GPU time for one token and 1.4 ×
-# for 16 or 64.
+# method alike, it is 1.09 × at 512 tokens and 1.05 × at 2048, and QLoRA trains 1.50 × and
+# 1.40 × as many tokens per second as bitsandbytes + PEFT. That is why the package launches a
+# tuned kernel straight from its compiled binary (`tuned_launch`), keeps that launch per stored
+# weight so that a layer's second dequantization skips even the lookup, does not re-check a
+# layer's buffers on every call, and runs base and LoRA branch as one autograd node. Reading a
+# quarter of the bytes does not yet make generation faster: a one-token forward runs a fused
+# kernel that decodes the 4-bit weight inside the product (22–56 µs per LLaMA-8B-width layer
+# replayed from a CUDA graph, against 19–50 µs for cuBLAS's bf16 layer), bound by the
+# per-weight decode rather than by memory, and from 16 tokens on the weight is dequantized and
+# multiplied by cuBLAS: a decode forward of the slice costs 1.02 × bf16's GPU time for one token
+# and 1.4 × for 16 or 64.
 #
 # ## 8. Merging for inference
 #

@@ -52,9 +52,9 @@ FUSED_MAX_ROWS = {"forward": 1, "input_grad": 0}
 """Largest M for which the fused kernel runs; above it, dequantize + cuBLAS (see docstring).
 
 Measured on an H200 (``benchmarks/qlora_model_gpu.md``, 2026-11-30, launches included): for one row
-the matrix-vector kernel wins on every LLaMA-8B-width shape (MLP: 57 and 62 against 93 and 94
-us); 4 rows lose on the 4096 x 16384 weight (102 against 94 us); from 16 rows on, and for the
-input gradient at every M, dequantize + cuBLAS wins (the tensor-core kernels decode each weight
+the matrix-vector kernel wins on every LLaMA-8B-width shape (MLP: 57 and 61 against 93 and 93
+us); 4 rows lose on two of the three (4096 x 16384: 102 against 93 us); from 16 rows on, and for
+the input gradient at every M, dequantize + cuBLAS wins (the tensor-core kernels decode each weight
 tile again for every row tile of the output: about 4 % of the GEMM ceiling)."""
 
 ROWS_KERNEL_MAX = 4
