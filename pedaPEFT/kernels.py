@@ -190,7 +190,7 @@ class _Bound(NamedTuple):
     launcher: tuned_launch.Launcher
 
     def serves(self, packed: torch.Tensor, scales: tuple[torch.Tensor, ...], n: int) -> bool:
-        """The same tensor objects (so the same dtypes and addresses) and the same size."""
+        """The same tensor objects (a layer's buffers keep their dtype and address) and size."""
         return (self.packed() is packed and n == self.n
                 and all(mine is theirs for mine, theirs in zip(self.scales, scales, strict=True)))
 

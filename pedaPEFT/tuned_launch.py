@@ -10,9 +10,10 @@ directly. A binary is reused only for the same caller's key (shapes, constants, 
 same grid, and the same dtype and 16-byte alignment of every tensor argument, which is what the
 JIT specializes on besides the integers the key holds.
 
-Even that lookup (one ``data_ptr()`` per tensor, a hashed tuple) is a third of a launch's host
-time, so :func:`launch` also returns the *launcher* it used: a caller that can tell its next
-arguments specialize the same way (the same tensor objects, say) calls it directly.
+That lookup (one ``data_ptr()`` per tensor, a hashed tuple), with the caller's own building of
+arguments and key, still costs microseconds per launch, so :func:`launch` also returns the
+*launcher* it used: a caller that can tell its next arguments specialize the same way (the same
+tensor objects, say) calls it directly.
 """
 
 from __future__ import annotations
