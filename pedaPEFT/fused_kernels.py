@@ -156,13 +156,13 @@ if triton is not None:
                      prune_configs_by={"early_config_prune": _prune_rows})
     @triton.jit(do_not_specialize=["M", "rank"])
     def forward_rows_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                             nested_code_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr,
-                             y_ptr, M, N, K, rank, scaling,
-                             BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
-                             DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             HAS_LORA: tl.constexpr, RANK_TILE: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                            nested_code_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr,
+                            y_ptr, M, N, K, rank, scaling,
+                            BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                            DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_LORA: tl.constexpr, RANK_TILE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
         """The forward for M <= BLOCK_M <= 4 rows (decoding) without tensor cores.
 
         A matrix-vector product: each program owns BLOCK_N weight rows and walks K in long
@@ -197,12 +197,12 @@ if triton is not None:
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit(do_not_specialize=["M", "rank", "m_bucket"])
     def forward_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                        nested_code_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr,
-                        M, N, K, rank, scaling, m_bucket,
-                        BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
-                        DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_LORA: tl.constexpr, RANK_TILE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       nested_code_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr,
+                       M, N, K, rank, scaling, m_bucket,
+                       BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                       DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_LORA: tl.constexpr, RANK_TILE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y (M, N) = x (M, K) · Wᵀ + bias + scaling · lora_in (M, rank) · Bᵀ (rank, N).
 
         Each step of the K loop: x's tile (BLOCK_M, BLOCK_K) loaded whole and split into its
@@ -234,12 +234,12 @@ if triton is not None:
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit(do_not_specialize=["M", "rank", "m_bucket"])
     def input_grad_kernel(g_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
-                           nested_code_ptr, offset_ptr, lora_in_ptr, lora_a_ptr, out_ptr,
-                           M, N, K, rank, scaling, m_bucket,
-                           BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
-                           DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr,
-                           RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          nested_code_ptr, offset_ptr, lora_in_ptr, lora_a_ptr, out_ptr,
+                          M, N, K, rank, scaling, m_bucket,
+                          BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+                          DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr,
+                          RANK_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out (M, K) = g (M, N) · W (N, K) + scaling · lora_in (M, rank) · A (rank, K).
 
         The even and odd output columns are accumulated apart (one per nibble of W's bytes)
