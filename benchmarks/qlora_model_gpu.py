@@ -111,6 +111,14 @@ def bench_interleaved(fns, rounds):
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def time_each(fns, rep_ms=300):
+    """Median seconds per call of each of ``fns`` (name -> function): in turns with
+    ``--interleave`` (:func:`bench_interleaved`), otherwise one after another (:func:`bench`)."""
+    if INTERLEAVE[0]:
+        return bench_interleaved(fns, INTERLEAVE[0])
+    return {name: bench(fn, rep_ms) for name, fn in fns.items()}
+
+
 # --------------------------------------------------------------------------- ceilings
 
 
@@ -277,9 +285,8 @@ def layers(device, bnb, peft, rows_list, smoke):
                 with torch.no_grad():
                     return layer(x)
 
-            calls = {m: lambda layer=layer: forward(layer) for m, layer in made.items()}
-            times = (bench_interleaved(calls, INTERLEAVE[0]) if INTERLEAVE[0]
-                     else {m: bench(call) for m, call in calls.items()})
+            times = time_each({m: lambda layer=layer: forward(layer)
+                               for m, layer in made.items()})
             found[(N, K, T)] = times
             ref = times["peft_lora"]
             row(f"layer {N}x{K} T={T}", "no-grad forward, eager: " + " / ".join(
@@ -447,21 +454,18 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
     measured = {}
     for T in train_T:
         idx = torch.randint(0, config.vocab_size, (1, T), device=device)
-        times, peaks, busy = {}, {}, {}
+        peaks, busy = {}, {}
         for m, run in runs.items():
             if m == "ours_qlora_unfused" and T not in (train_T[0], 2048):
                 continue
             try:
                 peaks[m] = peak_above(lambda run=run, idx=idx: run.step(idx))
-                if not INTERLEAVE[0]:
-                    times[m] = bench(lambda run=run, idx=idx: run.step(idx), rep_ms=1500)
                 busy[m] = gpu_busy(lambda run=run, idx=idx: run.step(idx))
             except torch.OutOfMemoryError:
                 NOTES.append(f"T={T}: {LABELS[m]} ran out of memory")
                 empty_cache()
-        if INTERLEAVE[0]:
-            times = bench_interleaved({m: lambda run=runs[m], idx=idx: run.step(idx)
-                                       for m in peaks}, INTERLEAVE[0])
+        times = time_each({m: lambda run=runs[m], idx=idx: run.step(idx) for m in peaks},
+                          rep_ms=1500)
         measured[T] = {"step_s": times, "peak_above_static": peaks, "gpu_busy_s": busy}
         ref = times.get("peft_lora")
         for m, t in times.items():
@@ -496,12 +500,8 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
     decode = {}
     for T in decode_T:
         idx = torch.randint(0, config.vocab_size, (1, T), device=device)
-        if INTERLEAVE[0]:
-            times = bench_interleaved({m: lambda run=run, idx=idx: run.forward(idx)
-                                       for m, run in runs.items()}, INTERLEAVE[0])
-        else:
-            times = {m: bench(lambda run=run, idx=idx: run.forward(idx))
-                     for m, run in runs.items()}
+        times = time_each({m: lambda run=run, idx=idx: run.forward(idx)
+                           for m, run in runs.items()})
         decode[T] = times
         ref = times["peft_lora"]
         for m, t in times.items():
@@ -555,12 +555,8 @@ def models(device, config, bnb, peft, train_T, decode_T, compile_T, methods):
                              + traceback.format_exc().splitlines()[-1])
                 continue
             took = time.perf_counter() - start
-            steps = {"compiled": lambda run=run, idx=idx: run.step(idx, run.compiled),
-                     "eager": lambda run=run, idx=idx: run.step(idx)}
-            if INTERLEAVE[0]:  # the two in turns, like every other ratio of the run
-                timed = bench_interleaved(steps, INTERLEAVE[0])
-            else:
-                timed = {name: bench(step, rep_ms=1500) for name, step in steps.items()}
+            timed = time_each({"compiled": lambda run=run, idx=idx: run.step(idx, run.compiled),
+                               "eager": lambda run=run, idx=idx: run.step(idx)}, rep_ms=1500)
             t_c, t_e = timed["compiled"], timed["eager"]
             compiled[(m, T)] = (t_c, t_e)
             goal = "<= 0.85" if m == "ours_qlora" else ""
